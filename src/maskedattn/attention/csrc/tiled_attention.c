@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -795,9 +796,31 @@ static void backward_scratch(arena *ar, int64_t BQ, int64_t BK, size_t tile, int
  * the layout the dv and dk products read:
  *   S^T = k q^T     P^T = 2^(S^T - lse)    dP^T = v do^T    dS^T = P^T (dP^T - delta) scale
  *   dv += P^T do    dk += dS^T q           dq^T += k^T dS^T
- * dq accumulates in one float32 buffer, tile-transposed, under a lock per query tile (work
- * items running at once mostly belong to different heads, so the locks are rarely contended,
- * and memory does not grow with the number of threads); last it is turned upright. */
+ * dq accumulates in one float32 buffer, tile-transposed; last it is turned upright. Float
+ * addition is not associative, so for the backward to be reproducible bit for bit each tile of
+ * dq takes its contributions in one fixed order, that of the key tiles (FlashAttention's
+ * deterministic mode does the same): before adding, a work item waits until the key tile
+ * before it that reaches the same query tile has added. Items are handed out in increasing
+ * order, key tile major, so the item waited for is already running (no deadlock), and with
+ * B * Hkv items per key tile it has usually finished. The result is the same for any number
+ * of threads: which thread computes an item changes nothing in its arithmetic. */
+
+/* Which key tile added to a dq tile last (+1; 0: none yet). The release store publishes the
+ * tile's new values to the acquire load of the item that waits for it. */
+static inline void wait_for_turn(const int64_t *done, int64_t turn) {
+    for (int spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < turn; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield(); /* the item waited for lost its core: give it back */
+    }
+}
+
+/* The key tile before kj whose tile with query tile qi is not empty (-1 if none): the
+ * contribution to dq that must come just before kj's. */
+static int64_t previous_key_tile(const attn_args *a, int64_t b, int64_t h, int64_t qi,
+                                 int64_t kj) {
+    while (--kj >= 0 && tile_kind(a, b, h, qi, kj) == TILE_EMPTY) {}
+    return kj;
+}
 
 static inline __attribute__((always_inline)) int backward_impl(const attn_args *a,
                                                                const int bf16) {
@@ -812,7 +835,7 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
     const float scale = (float)a->scale;
     const int n_threads = team_size(a, B * Hkv * nk);
     /* One allocation, zeroed: q and d_out packed, lse and delta per row, dq, each thread's
-     * scratch; and a lock per tile of dq. */
+     * scratch; and per tile of dq the key tile that added to it last. */
     const size_t q_bytes = B * Hq * Tqp * Dp * es, dq_floats = B * Hq * Tqp * Dp;
     const size_t tile = (BK > BQ ? BK : BQ) * Dp;
     arena all = {NULL, 0};
@@ -823,18 +846,18 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
     backward_scratch(&all, BQ, BK, tile, Dp, es, bf16, a->softcap > 0, NULL);
     const size_t share = all.used - shared;
     all.base = calloc(1, shared + share * n_threads + 64);
-    omp_lock_t *dq_locks = malloc(B * Hq * nq * sizeof(omp_lock_t));
-    if (!all.base || !dq_locks) {
-        free(all.base), free(dq_locks);
+    int64_t *dq_done = calloc(B * Hq * nq, sizeof(int64_t));
+    if (!all.base || !dq_done) {
+        free(all.base), free(dq_done);
         return -1;
     }
-    for (int64_t i = 0; i < B * Hq * nq; i++) omp_init_lock(&dq_locks[i]);
     char *block = all.base;
     all.base += (64 - (uintptr_t)all.base % 64) % 64, all.used = 0; /* calloc aligns to 16 */
     char *q_tiles = take(&all, q_bytes), *q_rows = take(&all, q_bytes);
     char *do_tiles = take(&all, q_bytes), *do_rows = take(&all, q_bytes);
     float *lse2 = take(&all, B * Hq * Tqp * 4), *delta = take(&all, B * Hq * Tqp * 4);
     float *dq = take(&all, dq_floats * 4);
+    int64_t next_item = 0;
 
 #pragma omp parallel num_threads(n_threads)
     {
@@ -870,9 +893,11 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
             }
         }
 
-        /* Under a causal mask the first key tiles meet the most query tiles: they go first. */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < B * Hkv * nk; item++) {
+        /* Under a causal mask the first key tiles meet the most query tiles: they go first.
+         * Items are handed out from one counter, so strictly in increasing order (which the
+         * wait for dq's turn relies on; OpenMP's dynamic schedule does not promise it). */
+        for (int64_t item; (item = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED))
+                           < B * Hkv * nk;) {
             const int64_t kj = item / (B * Hkv), bhk = item % (B * Hkv);
             const int64_t b = bhk / Hkv, hk = bhk % Hkv;
             load_tile(f, &a->k, b, hk, kj * BK, BK, a->k_len, D, Dp, dt);
@@ -920,10 +945,11 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                          do_rows + off * es, Dp, dv, Dp, 1, NULL);
                     gemm(bf16, BK, Dp, BQ, bf16 ? (void *)dst16 : (void *)dpt, BQ,
                          q_rows + off * es, Dp, dk, Dp, 1, NULL);
-                    omp_set_lock(&dq_locks[bh * nq + qi]);
+                    int64_t *done = &dq_done[bh * nq + qi];
+                    wait_for_turn(done, previous_key_tile(a, b, h, qi, kj) + 1);
                     gemm(bf16, Dp, BQ, BK, k_tt, BK, bf16 ? (void *)dsv16 : (void *)dpt, BQ,
                          dq + off, BQ, 1, NULL);
-                    omp_unset_lock(&dq_locks[bh * nq + qi]);
+                    __atomic_store_n(done, kj + 1, __ATOMIC_RELEASE);
                 }
             }
             for (int64_t r = 0; r < min64(BK, a->k_len - kj * BK); r++) {
@@ -932,6 +958,7 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
             }
         }
 
+#pragma omp barrier
         /* dq, tile by tile from (Dp, BQ) to (BQ, Dp) */
 #pragma omp for schedule(static) nowait /* the region ends with a barrier */
         for (int64_t item = 0; item < B * Hq * nq; item++) {
@@ -942,8 +969,7 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                           dt);
         }
     }
-    for (int64_t i = 0; i < B * Hq * nq; i++) omp_destroy_lock(&dq_locks[i]);
-    free(dq_locks), free(block);
+    free(dq_done), free(block);
     return 0;
 }
 
