@@ -1,58 +1,44 @@
 """Build and load the native CPU attention kernel, ``csrc/tiled_attention.c``.
 
-The kernel is compiled on first use, once per instruction set, into the package's kernel cache
-(:mod:`maskedattn._cbuild`: hashed names, atomic renames). The library is loaded with ctypes;
-it has no PyTorch headers and links OpenMP dynamically, so it shares the ``libgomp``
-that ``import torch`` has already loaded, and with it torch's thread pool.
+The kernel is compiled on first use, once per instruction set, and loaded by the package's one
+loader (:func:`maskedattn._cbuild.load`: hashed names, a checksum verified before every load,
+rebuilt when it does not verify, atomic renames). It has no PyTorch headers and links OpenMP
+dynamically, so it shares the ``libgomp`` that ``import torch`` has already loaded, and with it
+torch's thread pool.
 
 The instruction set is chosen at run time from the CPU's flags: AVX-512 with BF16 dot products,
-else AVX-512, else AVX2 + FMA + F16C. ``MASKEDATTN_NATIVE`` overrides the choice:
+else AVX-512, else AVX2 + FMA + F16C. ``MASKEDATTN_NATIVE`` (read by
+:func:`maskedattn._cbuild.requested_instruction_set`, the same rules as the GEMV kernel's)
+overrides the choice:
 
 - unset, ``1`` or ``auto``: the best variant this CPU runs;
 - ``0``: no native kernel; the tiled backend runs its pure-torch twin;
 - ``avx512bf16``, ``avx512`` or ``avx2``: that variant (to test one on a machine that has more).
 
-Where no variant can be built (no compiler, not x86-64, no AVX2), :func:`kernel` returns None and
-warns once.
+Where no variant can be built (no compiler and nothing verified in the cache, not x86-64, no
+AVX2), :func:`kernel` returns None and warns once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import platform
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from .._cbuild import build, cpu_flags
+from .._cbuild import INSTRUCTION_SETS, InstructionSet, choose_instruction_set, cpu_flags, load
+from .._cbuild import requested_instruction_set as requested_variant
 
-__all__ = ["VARIANTS", "AttnArgs", "Kernel", "Variant", "View", "kernel", "requested_variant"]
+__all__ = ["VARIANTS", "AttnArgs", "Kernel", "Variant", "View", "cpu_flags", "kernel",
+           "requested_variant"]
 
 SOURCE = Path(__file__).with_name("csrc") / "tiled_attention.c"
 ABI_VERSION = 3  # must match ABI_VERSION in the C source
 
-
-@dataclass(frozen=True)
-class Variant:
-    """One build of the kernel: the CPU flags it needs and the compiler flags that target them."""
-
-    name: str
-    cpu_flags: frozenset[str]
-    cc_flags: tuple[str, ...]
-
-
-_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c")
-# Best first. Flag names are those of /proc/cpuinfo.
-VARIANTS = (
-    Variant("avx512bf16", frozenset({*_AVX512, "avx512_bf16"}),
-            (*(f"-m{f}" for f in _AVX512), "-mavx512bf16")),
-    Variant("avx512", frozenset(_AVX512), tuple(f"-m{f}" for f in _AVX512)),
-    Variant("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
-)
-_BY_NAME = {v.name: v for v in VARIANTS}
+#: One build of the kernel: the CPU flags it needs and the compiler flags that target them.
+Variant = InstructionSet
+VARIANTS = INSTRUCTION_SETS  # best first
 
 
 class View(ctypes.Structure):
@@ -86,18 +72,14 @@ class AttnArgs(ctypes.Structure):
 class Kernel:
     """The loaded library of one variant."""
 
-    def __init__(self, variant: Variant, path: Path) -> None:
+    def __init__(self, variant: Variant, lib: ctypes.CDLL) -> None:
         self.variant = variant
-        self.path = path
-        self._lib = ctypes.CDLL(str(path))
-        if self._lib.maskedattn_abi_version() != ABI_VERSION:
-            raise OSError(f"{path} was built for another ABI version")
+        self.path = Path(lib._name)
+        self._lib = lib
+        if lib.maskedattn_abi_version() != ABI_VERSION:
+            raise OSError(f"{self.path} was built for another ABI version")
         #: whether bfloat16 inputs keep bfloat16 products (else they are computed in float32)
-        self.bf16 = bool(self._lib.maskedattn_has_bf16())
-        for name in ("maskedattn_forward", "maskedattn_backward"):
-            fn = getattr(self._lib, name)
-            fn.argtypes = [ctypes.POINTER(AttnArgs)]
-            fn.restype = ctypes.c_int
+        self.bf16 = bool(lib.maskedattn_has_bf16())
 
     def forward(self, args: AttnArgs) -> None:
         """Run the forward pass described by ``args`` (ctypes releases the GIL meanwhile)."""
@@ -116,20 +98,6 @@ class Kernel:
         return f"Kernel({self.variant.name!r}, {str(self.path)!r})"
 
 
-def requested_variant() -> str | None:
-    """What ``MASKEDATTN_NATIVE`` asks for: "auto", a variant name, or None (no native kernel)."""
-    value = os.environ.get("MASKEDATTN_NATIVE", "auto").strip().lower()
-    if value in ("", "1", "auto"):
-        return "auto"
-    if value == "0":
-        return None
-    if value in _BY_NAME:
-        return value
-    raise ValueError(
-        f"MASKEDATTN_NATIVE must be 0, 1, auto or one of {sorted(_BY_NAME)}, got {value!r}"
-    )
-
-
 def kernel() -> Kernel | None:
     """The native kernel that ``MASKEDATTN_NATIVE`` asks for, built if needed; None if none."""
     wanted = requested_variant()
@@ -143,7 +111,7 @@ _lock = threading.Lock()
 def _load(wanted: str) -> Kernel | None:
     with _lock:
         try:
-            variant = _choose(wanted)
+            variant = choose_instruction_set(wanted)
             return Kernel(variant, _build(variant))
         except (OSError, RuntimeError) as err:
             warnings.warn(
@@ -156,24 +124,14 @@ def _load(wanted: str) -> Kernel | None:
             return None
 
 
-def _choose(wanted: str) -> Variant:
-    flags = cpu_flags()
-    if wanted != "auto":
-        variant = _BY_NAME[wanted]
-        missing = variant.cpu_flags - flags
-        if missing:
-            raise RuntimeError(f"this CPU lacks {sorted(missing)} for variant {wanted!r}")
-        return variant
-    for variant in VARIANTS:
-        if variant.cpu_flags <= flags:
-            return variant
-    raise RuntimeError(
-        f"no supported instruction set on this CPU ({platform.machine()}): it needs AVX2 + FMA"
-        " or AVX-512"
-    )
+_ARGS = [ctypes.POINTER(AttnArgs)]
+_SYMBOLS = {
+    "maskedattn_abi_version": ([], ctypes.c_int), "maskedattn_has_bf16": ([], ctypes.c_int),
+    "maskedattn_forward": (_ARGS, ctypes.c_int), "maskedattn_backward": (_ARGS, ctypes.c_int),
+}
 
 
-def _build(variant: Variant) -> Path:
-    """Compile ``variant`` into the cache unless it is there already; return the library."""
+def _build(variant: Variant) -> ctypes.CDLL:
+    """Compile ``variant`` into the cache unless a verified build is there; load it."""
     flags = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", *variant.cc_flags]
-    return build(SOURCE, flags, f"tiled_attention_{variant.name}")
+    return load(SOURCE, flags, f"tiled_attention_{variant.name}", _SYMBOLS)

@@ -7,15 +7,17 @@ each weight once per call, on ``torch.get_num_threads()`` threads. :func:`linear
 where it applies (CPU, float32 or bfloat16, at most :data:`MAX_ROWS` rows, no autograd) and
 ``F.linear``, its readable twin and test oracle, everywhere else.
 
-The kernel is compiled on first use for this CPU (``-march=native``) into the package's kernel
-cache (:mod:`maskedattn._cbuild`). Without a compiler everything still works, at torch's speed;
-:func:`native_status` says which path is in use and why. ``MASKEDATTN_NATIVE=0`` turns it off.
+The kernel is compiled on first use for this CPU (``-march=native``) and loaded by the
+package's one loader (:func:`maskedattn._cbuild.load`, the attention kernel's too: verified
+before loading, rebuilt when it does not verify). Without a compiler everything still works, at
+torch's speed; :func:`native_status` says which path is in use and why. ``MASKEDATTN_NATIVE``
+means what it means for the attention kernel: ``0`` turns it off, an instruction set's name
+(``avx2``, ...) builds it for that set instead of this CPU's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import cache
 from pathlib import Path
 
@@ -23,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cbuild import build, cpu_flags
+from .._cbuild import choose_instruction_set, cpu_flags, load, requested_instruction_set
 
 __all__ = ["MAX_ROWS", "linear", "native_linear", "native_status"]
 
 MAX_ROWS = 4  # beyond this, a matrix-matrix product (reusing each weight) is faster
 _SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-pthread", "-shared", "-fPIC", "-std=c11"]
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
@@ -95,26 +97,30 @@ def native_status() -> str:
 _status = ["not loaded yet"]
 
 
+_SIGNATURE = ([_P, _P, _P, _P, _I64, _I64, _I64, _INT], None)
+_SYMBOLS = {"gemv_f32": _SIGNATURE, "gemv_bf16": (_SIGNATURE[0], _INT)}
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MASKEDATTN_NATIVE", "1") == "0":
+    wanted = requested_instruction_set()
+    if wanted is None:
         _status[0] = "disabled by MASKEDATTN_NATIVE=0"
         return None
     try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
+        lib = _load(wanted)
     except (OSError, RuntimeError) as err:
         _status[0] = f"unavailable, using torch.nn.functional.linear: {err}"
         return None
-    lib.gemv_f32.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _INT]
-    lib.gemv_f32.restype = None
-    lib.gemv_bf16.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _INT]
-    lib.gemv_bf16.restype = _INT
-    _status[0] = f"native kernel {path}"
+    _status[0] = f"native kernel {lib._name}"
     return lib
 
 
-def _build() -> Path:
-    """Compile the kernel once per source, flags and CPU; reuse the cached library after."""
-    # -march=native code must not meet another CPU: the CPU's flags are part of the key.
-    return build(_SOURCE, _FLAGS, "gemv", key_extra=" ".join(sorted(cpu_flags())))
+def _load(wanted: str) -> ctypes.CDLL:
+    """Compile the kernel once per source, flags and CPU; reuse the verified library after."""
+    if wanted == "auto":
+        # -march=native code must not meet another CPU: the CPU's flags are part of the key.
+        return load(_SOURCE, [*_FLAGS, "-march=native"], "gemv", _SYMBOLS,
+                    key_extra=" ".join(sorted(cpu_flags())))
+    target = choose_instruction_set(wanted)
+    return load(_SOURCE, [*_FLAGS, *target.cc_flags], f"gemv_{target.name}", _SYMBOLS)
