@@ -46,12 +46,12 @@ def test_backward_is_identical_across_reruns_and_threads(case) -> None:
     first = _grads(q, k, v, do, mask, 2, **kwargs)
     for run in range(12):
         again = _grads(q, k, v, do, mask, 2, **kwargs)
-        for name, x, y in zip("q k v".split(), first, again, strict=True):
+        for name, x, y in zip(["q", "k", "v"], first, again, strict=True):
             assert torch.equal(x, y), f"d{name} differs on rerun {run}"
     # one thread and three (more threads than cores) add in the same order as two
     for threads in (1, 3):
         other = _grads(q, k, v, do, mask, threads, **kwargs)
-        for name, x, y in zip("q k v".split(), first, other, strict=True):
+        for name, x, y in zip(["q", "k", "v"], first, other, strict=True):
             assert torch.equal(x, y), f"d{name} differs between 2 and {threads} threads"
 
 
