@@ -3,7 +3,10 @@
 ``maskedattn bench attention`` (or ``python benchmarks/attention_cpu.py``). Every backend is
 timed in the same run, interleaved repetition by repetition so that a busy machine slows all of
 them alike; the table shows medians after a warm-up, the ratio tiled / SDPA (below 1 is faster),
-and the achieved GFLOP/s next to the machine's own matrix-product GFLOP/s, the ceiling.
+and the achieved GFLOP/s next to the machine's own matrix-product GFLOP/s, the ceiling. Float32
+rows also show the kernel's GFLOP/s as a share of the CPU's float32 FMA peak, measured by a loop
+of register-resident multiply-adds (``csrc/fma_peak.c``, built for the kernel's instruction set)
+timed interleaved with the row's backends, so that the load of a shared machine hits both.
 
 FLOPs: 4 B H Tq Tk D for the forward (two products), halved under a causal mask; the backward
 does 2.5 times the forward's (five products), so forward + backward counts 3.5 times.
@@ -17,6 +20,7 @@ cache); peak memory of forward + backward at T = 16384.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import math
 import platform
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor
 
 import maskedattn as ma
+from maskedattn._cbuild import load
 from maskedattn._optional import require
 from maskedattn.attention import Causal, Mask, SlidingWindow, native
 
@@ -78,6 +83,28 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
+class FmaPeak:
+    """The float32 FMA peak of this CPU on ``threads`` threads, for the kernel's vectors."""
+
+    SOURCE = Path(__file__).with_name("csrc") / "fma_peak.c"
+
+    def __init__(self, kernel: native.Kernel, seconds: float = 0.05) -> None:
+        flags = ["-O2", "-fopenmp", "-shared", "-fPIC", *kernel.variant.cc_flags]
+        self._run = load(self.SOURCE, flags, f"fma_peak_{kernel.variant.name}",
+                         {"fma_peak_run": ([ctypes.c_int64, ctypes.c_int], ctypes.c_double)}
+                         ).fma_peak_run
+        # rounds per timed step: about `seconds` long (the first call also wakes the threads)
+        self._run(10_000, torch.get_num_threads())
+        start = time.perf_counter()
+        self._run(1_000_000, torch.get_num_threads())
+        self.iters = max(1, int(1_000_000 * seconds / (time.perf_counter() - start)))
+        self.flops = 0.0
+
+    def step(self) -> None:
+        """One timed run of the loop (ctypes releases the GIL; OpenMP runs the threads)."""
+        self.flops = self._run(self.iters, torch.get_num_threads())
+
+
 def attention_flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool, backward: bool):
     flops = 4 * b * h * tq * tk * d / (2 if causal else 1)
     return flops * (3.5 if backward else 1.0)
@@ -100,11 +127,12 @@ def _backends(q, k, v, mask: Mask | None, naive: bool) -> dict[str, Callable[[],
     return fns
 
 
-def sweep(args) -> list[dict]:
-    """The main table: causal attention over T, D, dtypes, forward and forward + backward."""
+def sweep(args, peak: FmaPeak | None) -> list[dict]:
+    """The main table: causal attention over T, D, dtypes, forward and forward + backward;
+    with ``peak``, float32 rows show tiled's GFLOP/s as a share of the FMA peak."""
     rows = []
-    print(f"{'dtype':>8} {'pass':>7} {'D':>4} {'T':>6} | {'tiled ms':>9} {'GF/s':>5} |"
-          f" {'sdpa ms':>9} {'GF/s':>5} | {'naive ms':>9} | {'tiled/sdpa':>10}")
+    print(f"{'dtype':>8} {'pass':>7} {'D':>4} {'T':>6} | {'tiled ms':>9} {'GF/s':>5}"
+          f" {'%peak':>5} | {'sdpa ms':>9} {'GF/s':>5} | {'naive ms':>9} | {'tiled/sdpa':>10}")
     for dtype_name in args.dtypes:
         for backward in [p == "fwdbwd" for p in args.passes]:
             for d in args.d:
@@ -112,15 +140,23 @@ def sweep(args) -> list[dict]:
                     q, k, v = _inputs(args.batch, args.heads, t, d, DTYPES[dtype_name])
                     grad = torch.randn_like(q) if backward else None
                     fns = _backends(q, k, v, Causal(), naive=t <= args.naive_max_t)
-                    med = time_interleaved({n: _step(f, grad) for n, f in fns.items()},
-                                           args.repeat)
+                    steps = {n: _step(f, grad) for n, f in fns.items()}
+                    with_peak = peak is not None and dtype_name == "float32"
+                    if with_peak:
+                        steps["peak"] = peak.step
+                    med = time_interleaved(steps, args.repeat)
                     flops = attention_flops(args.batch, args.heads, t, t, d, True, backward)
                     row = {"dtype": dtype_name, "pass": "fwd+bwd" if backward else "fwd", "d": d,
-                           "t": t, **{f"{n}_s": s for n, s in med.items()}}
+                           "t": t, **{f"{n}_s": s for n, s in med.items() if n != "peak"}}
+                    share = "-"
+                    if with_peak:
+                        row["peak_gflops"] = peak.flops / med["peak"] / 1e9
+                        share = f"{100 * flops / med['tiled'] / 1e9 / row['peak_gflops']:.0f}"
                     rows.append(row)
                     naive_ms = f"{med['naive'] * 1e3:9.1f}" if "naive" in med else f"{'-':>9}"
                     print(f"{dtype_name:>8} {row['pass']:>7} {d:>4} {t:>6} |"
-                          f" {med['tiled'] * 1e3:9.1f} {flops / med['tiled'] / 1e9:5.0f} |"
+                          f" {med['tiled'] * 1e3:9.1f} {flops / med['tiled'] / 1e9:5.0f}"
+                          f" {share:>5} |"
                           f" {med['sdpa'] * 1e3:9.1f} {flops / med['sdpa'] / 1e9:5.0f} |"
                           f" {naive_ms} | {med['tiled'] / med['sdpa']:10.2f}", flush=True)
     return rows
@@ -278,9 +314,17 @@ def main(argv: list[str] | None = None) -> int:
           f" native kernel: {kernel.variant.name if kernel else 'none (pure-torch twin)'}")
     print("ceiling (2048^3 matrix product): " + ", ".join(
         f"{n} {matmul_gflops(DTYPES[n]):.0f} GFLOP/s" for n in args.dtypes))
+    peak = FmaPeak(kernel) if kernel is not None else None
     print(f"B={args.batch} H={args.heads}, causal; medians of {args.repeat} interleaved rounds"
-          " after warm-up\n")
-    rows = sweep(args)
+          " after warm-up; %peak: tiled's share of the float32 FMA peak timed in the same rounds"
+          "\n")
+    rows = sweep(args, peak)
+    if peak is not None:
+        measured = [r["peak_gflops"] for r in rows if "peak_gflops" in r]
+        if measured:
+            print(f"float32 FMA peak ({kernel.variant.name} vectors,"
+                  f" {torch.get_num_threads()} threads): median {statistics.median(measured):.0f}"
+                  f" GFLOP/s over the rows (min {min(measured):.0f}, max {max(measured):.0f})")
     if args.window_t:
         window_growth(args)
     if not args.no_decoding:
