@@ -149,7 +149,7 @@ def test_fit_rejects_shapes_that_do_not_fit() -> None:
 
 
 def test_alibi_default_slopes() -> None:
-    expected = torch.tensor([2.0 ** -(i + 1) for i in range(8)])
+    expected = torch.tensor([2.0 ** -(i + 1) for i in range(8)], dtype=torch.float64)
     assert torch.allclose(Alibi.default_slopes(8), expected)
     slopes = Alibi.default_slopes(12)  # not a power of two: 8 geometric, then 4 interleaved
     assert slopes.shape == (12,) and torch.all(slopes > 0)

@@ -267,7 +267,9 @@ def _validate_bias(bias, q: Tensor, tk: int) -> Alibi | Tensor | None:
                 f"bias: Alibi has {bias.slopes.shape[0]} slopes, wanted one per query head,"
                 f" shape ({hq},)"
             )
-        return Alibi(bias.slopes.to(device=q.device, dtype=torch.float32))
+        # in the precision the call computes in: float64 stays float64 (the reference, SDPA)
+        precision = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return Alibi(bias.slopes.to(device=q.device, dtype=precision))
     if not isinstance(bias, Tensor):
         raise TypeError(
             f"bias must be None, Alibi(slopes) or a float tensor, got {type(bias).__name__}"

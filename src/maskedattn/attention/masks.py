@@ -490,7 +490,8 @@ class Alibi:
     """ALiBi (Press et al. 2022): head h adds ``-slopes[h] * |q - k|`` to its scores.
 
     For causal attention this is the paper's ``slope * (k - q)``; bidirectional masks see the
-    same penalty on both sides.
+    same penalty on both sides. ``attention()`` takes the slopes in the precision the call
+    computes in: float64 for float64 inputs, float32 otherwise.
     """
 
     slopes: Tensor
@@ -502,20 +503,22 @@ class Alibi:
 
     @staticmethod
     def default_slopes(n_heads: int) -> Tensor:
-        """The paper's geometric slopes 2^(-8/n), 2^(-16/n), ... (interleaved past a power of 2)."""
+        """The paper's geometric slopes 2^(-8/n), 2^(-16/n), ... (interleaved past a power of 2),
+        in float64 (each call rounds them to its own precision)."""
         def powers(n: int) -> list[float]:
             start = 2 ** (-8 / n)
             return [start ** (i + 1) for i in range(n)]
 
         if n_heads & (n_heads - 1) == 0:
-            return torch.tensor(powers(n_heads))
+            return torch.tensor(powers(n_heads), dtype=torch.float64)
         closest = 2 ** math.floor(math.log2(n_heads))
         extra = powers(2 * closest)[0::2][: n_heads - closest]
-        return torch.tensor(powers(closest) + extra)
+        return torch.tensor(powers(closest) + extra, dtype=torch.float64)
 
     def block(self, q_idx: Tensor, k_idx: Tensor, offset: int) -> Tensor:
-        """The bias for query rows ``q_idx`` and key columns ``k_idx``, shape (1, Hq, q, k)."""
-        distance = ((q_idx + offset)[:, None] - k_idx[None, :]).abs()
+        """The bias for query rows ``q_idx`` and key columns ``k_idx``, shape (1, Hq, q, k), in
+        the slopes' dtype (distances are exact integers up to 2^24 in float32)."""
+        distance = ((q_idx + offset)[:, None] - k_idx[None, :]).abs().to(self.slopes.dtype)
         return -self.slopes[None, :, None, None] * distance[None, None]
 
 

@@ -36,6 +36,11 @@ def why_not(call: AttentionCall) -> str | None:
                 " (CPU tensors only under TRITON_INTERPRET=1)")
     if call.dtype not in _DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32, got {call.dtype}"
+    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
+        # tl.dot on bfloat16 tiles multiplies their raw 16-bit patterns as integers there:
+        # outputs around 1e9, not an error
+        return ("Triton's interpreter (TRITON_INTERPRET=1) cannot compute bfloat16; use"
+                " float16 or float32 on the CPU, or a CUDA tensor")
     if call.head_dim > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={call.head_dim}"
     if (call.device.type == "cuda" and call.dtype == torch.bfloat16
