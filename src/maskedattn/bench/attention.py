@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if peak is not None:
         measured = [r["peak_gflops"] for r in rows if "peak_gflops" in r]
         if measured:
-            print(f"float32 FMA peak ({kernel.variant.name} vectors,"
+            print(f"FMA peak, float32 ({kernel.variant.name} vectors,"
                   f" {torch.get_num_threads()} threads): median {statistics.median(measured):.0f}"
                   f" GFLOP/s over the rows (min {min(measured):.0f}, max {max(measured):.0f})")
     if args.window_t:
