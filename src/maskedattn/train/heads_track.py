@@ -24,10 +24,16 @@ __all__ = ["PROBES", "probe_tokens", "track_heads"]
 PROBES = 4  # sequences in the probe: enough that one unlucky draw does not decide a score
 
 
-def probe_tokens(vocab_size: int, seq_len: int, seed: int, *, count: int = PROBES) -> Tensor:
+def probe_tokens(vocab_size: int, seq_len: int, seed: int, *, half: int | None = None,
+                 count: int = PROBES) -> Tensor:
     """(count, 2n) long: ``count`` rows of n distinct random tokens followed by the same n again,
-    with n = min(seq_len // 2, vocab_size). The same arguments give the same tokens."""
-    n = min(seq_len // 2, vocab_size)
+    with n = min(half or seq_len // 2, seq_len // 2, vocab_size). The same arguments give the
+    same tokens.
+
+    ``half`` keeps the repeat within what the model was trained on: a model trained on the
+    induction task with segments of at most 16 tokens may not carry its heads to 18.
+    """
+    n = min(half or seq_len // 2, seq_len // 2, vocab_size)
     if n < 2:
         raise ValueError(f"tracking heads needs sequences of at least 4 tokens and a vocabulary"
                          f" of 2, got seq_len={seq_len}, vocab_size={vocab_size}")

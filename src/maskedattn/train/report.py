@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["MetricsLog", "phase_change", "plot_heads", "plot_losses"]
+__all__ = ["MetricsLog", "phase_change", "plot_heads", "plot_losses", "read_metrics"]
 
 # A head "has" a role from this score on (viz.heads.DEFAULT_THRESHOLD: TransformerLens's usage).
 ROLE_THRESHOLD = 0.4
@@ -39,9 +39,15 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         """All records so far."""
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (none if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _pyplot_free():
@@ -167,25 +173,31 @@ def _draw_role(ax, records: list[dict], role: str, title: str) -> None:
         ax.legend(fontsize=7, loc="upper left")
 
 
-def plot_heads(records: list[dict], path: Path) -> bool:
-    """Loss, induction and previous-token scores of every head against step, side by side
-    (PNG, atomically). A dashed line marks the first evaluation at which an induction head
-    appears (:func:`phase_change`). False if matplotlib is missing or nothing was tracked."""
+def plot_heads(records: list[dict], path: Path, *, title: str | None = None) -> bool:
+    """Loss, then the induction and previous-token scores of every head, against step, one
+    above the other on a shared step axis (PNG, atomically). A red band marks the phase change
+    (:func:`phase_change`): the evaluations between which the first induction head appeared.
+    False if matplotlib is missing or no head scores were recorded."""
     mpl = _pyplot_free()
     if mpl is None or not head_series(records, "induction")[0]:
         return False
-    fig = mpl.figure.Figure(figsize=(13, 3.8), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 1 + len(PLOTTED_ROLES), sharex=True)
+    fig = mpl.figure.Figure(figsize=(8, 8.5), dpi=100, layout="constrained")
+    axes = fig.subplots(1 + len(PLOTTED_ROLES), 1, sharex=True)
     _draw_losses(axes[0], mpl, records)
-    axes[0].set_title("loss", fontsize=10)
-    for ax, (role, title) in zip(axes[1:], PLOTTED_ROLES.items(), strict=True):
-        _draw_role(ax, records, role, f"{title} of each head (grey: never >= {ROLE_THRESHOLD})")
+    for ax, (role, name) in zip(axes[1:], PLOTTED_ROLES.items(), strict=True):
+        _draw_role(ax, records, role, f"{name} of each head (grey: never >= {ROLE_THRESHOLD})")
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
     change = phase_change(records)
     if change is not None:
+        start = change["before"] if change["before"] is not None else change["step"]
         for ax in axes:
+            ax.axvspan(start, change["step"], color="#c0392b", alpha=0.15, lw=0)
             ax.axvline(change["step"], color="#c0392b", lw=1, ls="--")
-        axes[1].annotate(f"induction head\nat step {change['step']}",
+        axes[1].annotate(f"layer {change['layer']} head {change['head']} becomes an induction"
+                         f" head\n(score {change['score']:.2f} at step {change['step']})",
                          (change["step"], ROLE_THRESHOLD), textcoords="offset points",
-                         xytext=(6, -28), fontsize=8, color="#c0392b")
+                         xytext=(-8, 40), ha="right", fontsize=8, color="#c0392b")
+    fig.suptitle(title or "how the heads formed during training", fontsize=11)
     _save_atomically(fig, path)
     return True

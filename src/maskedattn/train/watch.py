@@ -83,7 +83,9 @@ class Watch:
         if config.track_heads:
             from .heads_track import probe_tokens
 
-            self.probe = probe_tokens(model.config.vocab_size, source.seq_len, config.seed)
+            # A task's repeats are at most task_size long: the probe's too.
+            self.probe = probe_tokens(model.config.vocab_size, source.seq_len, config.seed,
+                                      half=config.task_size if config.task else None)
         self.writer = None
         if config.tensorboard and main:
             self.writer = _tensorboard_writer(out / "tensorboard", purge_step=step or None)
