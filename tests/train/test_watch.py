@@ -154,3 +154,16 @@ def test_progress_modes() -> None:
     with pytest.raises(ValueError, match="progress"):
         progress_mode("loud")
     assert Watch is not None
+
+
+def test_elapsed_time_goes_on_after_a_resume(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    config = TrainConfig(out=str(tmp_path), task="induction", task_size=4, model=TINY, steps=4)
+    source = SimpleNamespace(seq_len=9, tokenizer=None)
+    earlier = [{"step": 2, "loss": 3.0, "elapsed_s": 100.0}, {"step": 2, "val_loss": 3.0}]
+    watch = Watch(config, tmp_path, model=None, source=source, progress="off", main=True,
+                  step=2, records=earlier)
+    record = {"step": 3, "loss": 2.9, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0}
+    watch.on_log(record)
+    assert 100.0 <= record["elapsed_s"] < 110.0 and record["tokens"] == 3 * 16 * 9
