@@ -68,13 +68,14 @@ class Watch:
     def __init__(self, config: TrainConfig, out: Path, *, model: nn.Module, source,
                  progress: bool | str, main: bool, step: int, records: list[dict],
                  bar=None) -> None:
-        self.config, self.out, self.main = config, out, main
+        self.out, self.main = out, main
         self.mode = progress_mode(progress)
         self.bar = bar
         self.total = config.steps
         self.tokens_per_step = config.batch_size * source.seq_len
-        val = getattr(source, "val", None)
-        self.bytes_per_token = bytes_per_token(source.tokenizer, val)
+        # Only the main process reports bits per byte: the others need not decode the corpus.
+        self.bytes_per_token = bytes_per_token(source.tokenizer, getattr(source, "val", None)) \
+            if main else None
         # A resumed run goes on counting from the time its log had reached.
         before = [r["elapsed_s"] for r in records if "elapsed_s" in r]
         self.elapsed_before = before[-1] if before else 0.0
