@@ -10,6 +10,7 @@ _EXTRA_OF = {
     "transformers": "hf",
     "tokenizers": "hf",
     "triton": "gpu",
+    "tensorboard": "tensorboard",
 }
 
 

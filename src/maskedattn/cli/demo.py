@@ -19,6 +19,7 @@ import torch
 
 from ..data.tasks import Induction, accuracy
 from ..model import GPT, GPTConfig
+from ._formation import Formation
 
 # 16 consonants x 4 vowels: 64 short, distinct labels for the task's tokens.
 SYLLABLES = [c + v for c in "bdfghjklmnprstvz" for v in "aeiou"[:4]]
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         out=str(out / "run"), task="induction", task_size=LENGTH,
         model=tuple(sorted(config.to_dict().items())), steps=args.steps, batch_size=32,
         lr=3e-3, min_lr=3e-4, warmup=min(20, args.steps), weight_decay=0.01,
-        eval_every=max(1, args.steps // 4), eval_batches=4, keep=1, seed=args.seed,
+        eval_every=max(5, args.steps // 24), eval_batches=4, keep=1, seed=args.seed,
+        track_heads=True,  # the role scores of every head at each evaluation: formation.png
     )
     torch.manual_seed(args.seed)  # the same initial weights that train() starts from
     before = task_accuracy(GPT(config), task, args.seed)
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
           f" repeats ({args.steps} steps).")
     print(f"Before training: {before:.0%} of the repeat predicted"
           f" (chance: 1 in {len(SYLLABLES)}).")
-    model = train(train_config, progress=not args.no_progress).model
+    formation = Formation(Path(train_config.out))
+    model = train(train_config, progress=not args.no_progress, on_eval=formation.on_eval).model
     after = task_accuracy(model, task, args.seed)
     print(f"After training:  {after:.0%} of the repeat predicted.")
 
@@ -141,4 +144,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model/                   the trained model: maskedattn viz --model {out}/model"
           " ...")
     print("  run/                     checkpoints, metrics.jsonl and loss.png of the training")
+    formation.write(out, example, labels)
     return 0

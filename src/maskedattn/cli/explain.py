@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..attention.masks import Causal, Mask, PrefixLM, SlidingWindow
 from ..attention.reference import StepsTrace, attention_steps
+from ._device import add_device_argument, resolve_device
 
 LABEL_WIDTH = 8
 CELL_WIDTH = 7
@@ -47,6 +48,7 @@ def add_parser(subparsers) -> None:
                    "window:W (causal, last W tokens) or prefix:N (bidirectional inside the "
                    "first N tokens)")
     p.add_argument("--json", action="store_true", help="print the whole trace as JSON")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
@@ -82,7 +84,7 @@ def tokenize(text: str, kind: str) -> list[str]:
 
 
 def explain(tokens: list[str], *, heads: int, dim: int, seed: int,
-            mask: Mask | None) -> StepsTrace:
+            mask: Mask | None, device: torch.device | str = "cpu") -> StepsTrace:
     """Run the five steps on ``tokens`` with seeded random embeddings and weights (float64)."""
     if not tokens:
         raise ValueError("the text has no tokens: give some words (or use --tokens bytes)")
@@ -94,6 +96,7 @@ def explain(tokens: list[str], *, heads: int, dim: int, seed: int,
     g = torch.Generator().manual_seed(seed)
     wq, wk, wv, wo = (torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
                       for _ in range(4))
+    x, wq, wk, wv, wo = (t.to(device) for t in (x, wq, wk, wv, wo))
     return attention_steps(x, wq, wk, wv, wo, n_heads=heads, mask=mask)
 
 
@@ -110,7 +113,8 @@ def mask_after_softmax(trace: StepsTrace) -> Tensor:
 def run(args: argparse.Namespace) -> int:
     """Print the explanation (or the JSON trace)."""
     tokens = tokenize(args.text, args.tokens)
-    trace = explain(tokens, heads=args.heads, dim=args.dim, seed=args.seed, mask=args.mask)
+    trace = explain(tokens, heads=args.heads, dim=args.dim, seed=args.seed, mask=args.mask,
+                    device=resolve_device(args.device))
     if args.json:
         print(json.dumps(trace_to_json(trace, tokens, args), indent=1))
     else:

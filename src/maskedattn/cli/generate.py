@@ -10,6 +10,7 @@ import torch
 from ..data.tokenizer import ByteTokenizer, Tokenizer, load
 from ..generate import stream
 from ..model import GPT
+from ._device import add_device_argument, resolve_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -39,12 +40,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="compute dtype (default: as stored)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, tokenise, generate, print."""
-    model = GPT.from_pretrained(args.model, dtype=_DTYPES.get(args.dtype))
+    model = GPT.from_pretrained(args.model, dtype=_DTYPES.get(args.dtype),
+                                device=resolve_device(args.device))
     tokenizer = _tokenizer(args.model)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -39,13 +39,16 @@ def add_parser(subparsers) -> None:
         "train ...` each process takes a slice of every batch (DistributedDataParallel).",
         epilog="Examples:\n  maskedattn train --task induction --steps 300 --out runs/ind\n"
         "  maskedattn train --data corpus/ --preset tiny --n-layer 6 --out runs/lm\n"
+        "  maskedattn train --task induction --steps 600 --track-heads --no-progress\n"
         "  maskedattn train --resume runs/lm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run from its directory (newest checkpoint) or a checkpoint;"
                    " the run keeps its own settings and output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: print one plain line per log interval (--log-every)"
+                   " and per evaluation instead (for logs and pipes)")
     _CHOICES["preset"] = sorted(PRESETS)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -93,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
     # A resumed run keeps its own settings; the other flags are for new runs.
     config = None if args.resume else config_from_args(args)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    result = train(config, resume=args.resume, progress="lines" if args.no_progress else "bar")
     if result.checkpoint is not None:
         out = result.checkpoint.parent
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics: {out}/metrics.jsonl, loss curve: {out}/loss.png")
+        if (out / "heads.png").is_file():
+            print(f"heads' role scores against the step: {out}/heads.png")
+        if (out / "tensorboard").is_dir():
+            print(f"TensorBoard: tensorboard --logdir {out}/tensorboard")
         print(f"sample from it: maskedattn generate --model {result.checkpoint} --prompt ...")
     return 0

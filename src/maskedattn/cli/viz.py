@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ._device import add_device_argument, resolve_device
+
 # Above this many tokens only some query rows are captured unless --rows says otherwise: every
 # row of every head of a 12-layer, 12-head model is 144 T² numbers.
 FULL_ROWS_UP_TO = 1024
@@ -25,7 +27,11 @@ def add_parser(subparsers) -> None:
         "induction, previous-token, duplicate-token, first-token sink, local).",
         epilog='Example: maskedattn viz --model maskedattn-demo/model --text "ba de fi ba de"',
     )
-    p.add_argument("--model", required=True, help="a checkpoint directory (ours or GPT-2's)")
+    p.add_argument("--model", help="a checkpoint directory (ours or GPT-2's)")
+    p.add_argument("--run", metavar="DIR",
+                   help="instead of --model: a training run's directory; its newest checkpoint"
+                   " is drawn, and attention-steps.html gets a step slider over the maps of"
+                   " every kept checkpoint on the same text")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to run the model on")
     text.add_argument("--ids", help="token ids instead of text, comma-separated")
@@ -39,6 +45,7 @@ def add_parser(subparsers) -> None:
                    f" {FULL_ROWS_UP_TO} tokens)")
     p.add_argument("--format", choices=["png", "svg", "pdf"], default="png",
                    help="picture format (default png)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +57,15 @@ def run(args: argparse.Namespace) -> int:
     from ..viz import head_scores, plot_grid, plot_head, save_figure, write_html
     from ..viz.capture import capture_attention
 
-    model = GPT.from_pretrained(args.model).eval()
+    device = resolve_device(args.device)
+    if (args.model is None) == (args.run is None):
+        raise ValueError("give --model DIR (a checkpoint) or --run DIR (a training run)")
+    if args.run is not None:  # the newest checkpoint stands for the run
+        from ._run_steps import run_checkpoints
+
+        checkpoints = run_checkpoints(args.run)
+        args.model = str(checkpoints[-1])
+    model = GPT.from_pretrained(args.model, device=device).eval()
     try:
         tokenizer = load(args.model)
     except FileNotFoundError:
@@ -71,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if args.generate:
             ids = prompt + generate(model, [prompt], args.generate, temperature=0)[0]
         else:
-            model(torch.tensor([prompt]))
+            model(torch.tensor([prompt], device=device))
             ids = prompt
     labels = [_label(tokenizer, i) for i in ids]
     maps = cap.maps(labels, token_ids=ids,
@@ -88,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
             written.append(save_figure(plot_head(maps, layer, head),
                                        out / f"{role.replace('_', '-')}-head.{args.format}"))
     written.append(write_html(maps, out / "attention.html", title=f"{args.model}: attention"))
+    if args.run is not None:
+        from ._run_steps import write_run_steps
+
+        written.append(write_run_steps(checkpoints, maps, out / "attention-steps.html",
+                                       device=device, title=f"{args.run}: attention by step"))
     (out / "heads.txt").write_text(scores.table() + "\n")
     (out / "heads.json").write_text(json.dumps(scores.to_dict(), indent=1))
     print(scores.table())
@@ -96,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print("text: " + tokenizer.decode(ids))
     print("written: " + ", ".join(str(p) for p in written) + f", {out}/heads.txt, heads.json")
     print(f"open {out}/attention.html in a browser: pick a layer and head, hover a token")
+    if args.run is not None:
+        print(f"open {out}/attention-steps.html: drag its slider over the run's checkpoints")
     return 0
 
 

@@ -40,6 +40,11 @@ class TrainConfig:
     keep: int = _opt(3, "checkpoints to keep")
     seed: int = _opt(0, "seed of the initialisation and of the batches")
     log_every: int = _opt(10, "steps between lines of metrics.jsonl")
+    track_heads: bool = _opt(False, "at each evaluation, record every head's role scores"
+                             " (induction, previous-token, ...) on a fixed probe into"
+                             " metrics.jsonl, and draw them in heads.png")
+    tensorboard: bool = _opt(False, "also write TensorBoard logs to OUT/tensorboard (needs the"
+                             " tensorboard package)")
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.task is None):

@@ -29,7 +29,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
 from .optim import learning_rate, make_optimizer
-from .report import MetricsLog, plot_losses
+from .report import MetricsLog
+from .watch import Watch, progress_mode
 
 __all__ = ["TrainResult", "train"]
 
@@ -141,13 +142,16 @@ def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.dev
 
 
 def train(config: TrainConfig | None, *, resume: str | Path | None = None,
-          progress: bool = True, tokenizer_dir: str | Path | None = None,
+          progress: bool | str = True, tokenizer_dir: str | Path | None = None,
           on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train a GPT as ``config`` says, or continue the run at ``resume``.
 
     ``resume`` is a run directory (its newest checkpoint is used) or a checkpoint directory;
     the run then keeps the settings stored with it (``config`` must be None) and goes on
     writing into the directory that holds the checkpoint.
+
+    ``progress``: True or "bar" for a progress bar, "lines" for one plain line per log
+    interval and per evaluation (:mod:`.watch`), False or "off" for silence.
 
     ``tokenizer_dir`` holds the tokenizer saved into every checkpoint (for a corpus, the one
     ``maskedattn prepare`` wrote there, used by default).
@@ -197,7 +201,9 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
         if dist.is_main else None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    bar = _progress_bar(progress and dist.is_main, config.steps, step)
+    bar = _progress_bar(progress_mode(progress) == "bar" and dist.is_main, config.steps, step)
+    watch = Watch(config, out, model=model, source=source, progress=progress,
+                  main=dist.is_main, step=step, records=log.read() if log else [], bar=bar)
     tokens_per_step = config.batch_size * source.seq_len
     micro = config.batch_size // config.grad_accum
     last_ckpt = None
@@ -238,19 +244,19 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm),
                       "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
             t_last, tokens_since = now, 0
+            watch.on_log(record)  # adds tokens seen and elapsed time; prints, TensorBoard
             log.write(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             metrics = evaluate(model, source, config, dist.device)
+            metrics.update(watch.measure(model, step, metrics))  # bits, time; --track-heads
             if dist.is_main:
                 log.write({"step": step, **metrics})
-                if bar is not None:
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}"
-                                                            for k, v in metrics.items()))
                 last_ckpt = _save(out, step, model, optimizer, data_gen, config, source,
                                   log.read())
+                watch.on_eval(step, metrics, log.read())  # a line, loss.png, TensorBoard
                 if on_eval is not None:
                     on_eval(step, metrics)
             t_last = time.perf_counter()
@@ -258,7 +264,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
         bar.close()
     metrics = log.read() if log is not None else []
     if dist.is_main:
-        plot_losses(metrics, out / "loss.png")
+        watch.close(metrics)
     return TrainResult(model, last_ckpt, metrics)
 
 
