@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .heads import DEFAULT_THRESHOLD, ROLES, head_scores
+from .heads import DEFAULT_THRESHOLD, ROLES, HeadScores, head_scores
 from .maps import AttentionMaps
 
-__all__ = ["FLOOR", "EncodedMaps", "decode_maps", "encode_maps", "render_html", "write_html"]
+__all__ = ["FLOOR", "EncodedMaps", "decode_maps", "encode_maps", "most_telling_head", "render_html",
+           "show", "write_html"]
 
 # Weights below FLOOR are dropped; 254 log steps span [FLOOR, 1]: each step is a factor of
 # FLOOR ** (-1/254) = 1.037, so rounding errs by at most half a step, 1.83%.
@@ -130,6 +131,22 @@ def decode_maps(encoded: EncodedMaps) -> torch.Tensor:
     others = visible & (out == 0)
     out += others * (rest / others.sum(-1).clamp(min=1))[:, None]
     return out.reshape(shape)
+
+
+def most_telling_head(scores: HeadScores, layer: int | None = None) -> tuple[int, int]:
+    """(layer, head) of the head with the highest score of the most specific role that some head
+    reaches the threshold for (induction first, local last); the strongest head overall when
+    none does. ``layer`` restricts the choice to one layer."""
+    best_any = None
+    for role in ROLES:
+        ranked = [x for x in scores.ranked(role) if layer is None or x[0] == layer]
+        if ranked and ranked[0][2] >= DEFAULT_THRESHOLD:
+            return ranked[0][0], ranked[0][1]
+        if ranked and (best_any is None or ranked[0][2] > best_any[2]):
+            best_any = ranked[0]
+    if best_any is None:
+        return (layer or 0), 0
+    return best_any[0], best_any[1]
 
 
 def render_html(maps: AttentionMaps, *, title: str = "Attention maps", top_k: int = 32,
