@@ -137,14 +137,14 @@ class Explained:
     """What one run explains: the steps of a layer, its tokens, the head and the query chosen."""
 
     def __init__(self, steps: LayerSteps, tokens: list[str], head: int, token: int,
-                 source: str, ids: list | None = None) -> None:
+                 source: str, ids: list | None = None, mask: str = "Causal()") -> None:
         h, t = steps.weights.n_heads, len(tokens)
         if not 0 <= head < h:
             raise ValueError(f"--head {head} is out of range: the layer has {h} heads (0 .. {h - 1})")
         if not -t <= token < t:
             raise ValueError(f"--token {token} is out of range: the text has {t} tokens")
         self.steps, self.tokens, self.head, self.token = steps, tokens, head, token % t
-        self.source = source
+        self.source, self.mask = source, mask
         self.ids = ids if ids is not None else tokens
 
 
@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         tokens = tokenize(text, args.tokens)
         steps = explain(tokens, heads=args.heads, dim=args.dim, seed=args.seed, mask=args.mask)
         ex = Explained(steps, tokens, args.head or 0, args.token,
-                       f"random weights, seed {args.seed}, mask: {_mask_name(args.mask)}")
+                       f"random weights, seed {args.seed}, mask: {_mask_name(args.mask)}",
+                       mask=_mask_name(args.mask))
     if args.json:
         print(json.dumps(trace_to_json(ex), indent=1))
     else:
@@ -224,6 +225,7 @@ def trace_to_json(ex: Explained) -> dict:
     return {
         "tokens": ex.tokens,
         "source": ex.source,
+        "mask": ex.mask,
         "heads": s.weights.n_heads,
         "dim": s.x.shape[-1],
         "head_dim": s.weights.head_dim,
@@ -264,7 +266,8 @@ def render(ex: Explained, width: int = 80) -> str:
     w = s.weights
     d, c, t = w.head_dim, s.x.shape[-1], len(tokens)
     # One cell is kept free for the row sums of the probabilities.
-    shown = max(1, min(t, (width - LABEL_WIDTH) // CELL_WIDTH - 1))
+    fit = max(1, (width - LABEL_WIDTH) // CELL_WIDTH)
+    shown = max(1, min(t, fit - 1))
     prose_width = min(width, 80)
     out: list[str] = []
     say = out.append
@@ -273,7 +276,7 @@ def render(ex: Explained, width: int = 80) -> str:
         say(textwrap.fill(text, prose_width))
 
     def dims(n: int) -> tuple[int, str]:
-        k = min(n, shown)
+        k = min(n, fit)
         return k, (f"all {n} dims" if k == n else f"dims 0-{k - 1} of {n}")
 
     kv = h // (w.n_heads // w.n_kv_heads)  # the key/value head this query head reads
@@ -305,13 +308,13 @@ def render(ex: Explained, width: int = 80) -> str:
     tell(f"Step 2 - raw scores S = Q·Kᵀ (row: query, column: key; cell = q·k), then scaled by"
          f" {s.scale:.4g}" + (f" = 1/√D = 1/√{d}" if abs(s.scale - d ** -0.5) < 1e-12 else "")
          + " so the softmax does not saturate as D grows:")
-    say(_matrix("raw QKᵀ", tr.scores[0, h], tokens, tokens, shown))
-    say(_matrix("scaled", tr.scaled[0, h], tokens, tokens, shown))
+    say(_matrix("raw QKᵀ", tr.scores[0, h], tokens, tokens[:shown], shown))
+    say(_matrix("scaled", tr.scaled[0, h], tokens, tokens[:shown], shown))
     tell("Step 3 - mask: keys a query may not see get -inf, *before* the softmax:")
-    say(_matrix("masked", tr.masked[0, h], tokens, tokens, shown))
+    say(_matrix("masked", tr.masked[0, h], tokens, tokens[:shown], shown))
     tell("Step 4 - softmax of each row: exp, then divide by the row's sum. Hidden keys get"
          " exactly 0 and every row sums to 1:")
-    say(_matrix("probs", tr.probs[0, h], tokens, tokens, shown, sums=True))
+    say(_matrix("probs", tr.probs[0, h], tokens, tokens[:shown], shown, sums=True))
     tell("Step 5 - each token's output is its row of probabilities times V, a weighted mix of"
          " the value vectors:")
     say(_matrix(f"P·V, {hl}", tr.output[0, h, :, :hd], tokens, [f"o{i}" for i in range(hd)],
@@ -467,12 +470,13 @@ def _row(label: str, cells: list[str]) -> str:
 
 def _matrix(title: str, m: Tensor, rows: list[str], cols: list[str], shown: int,
             sums: bool = False) -> str:
+    """The first ``shown`` rows of ``m`` under the column labels ``cols`` (one per column)."""
     m = m.detach().double()
     lines = [f"  [{title}]"]
-    header = list(cols[:shown]) + (["| sum"] if sums else [])
+    header = list(cols) + (["| sum"] if sums else [])
     lines.append(_row("", header))
     for i, label in enumerate(rows[:shown]):
-        cells = [_cell(v) for v in m[i, :shown].tolist()]
+        cells = [_cell(v) for v in m[i, :len(cols)].tolist()]
         if sums:
             cells.append(f"{m[i].sum().item():.2f}")
         lines.append(_row(label, cells))
