@@ -1,4 +1,4 @@
-"""``maskedattn ablate``: switch each head off in turn and report what it does to loss and accuracy."""
+"""``maskedattn ablate``: switch each head off in turn; report what it does to loss and accuracy."""
 
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ class Explained:
                  source: str, ids: list | None = None, mask: str = "Causal()") -> None:
         h, t = steps.weights.n_heads, len(tokens)
         if not 0 <= head < h:
-            raise ValueError(f"--head {head} is out of range: the layer has {h} heads (0 .. {h - 1})")
+            raise ValueError(f"--head {head} is out of range: the layer has {h} heads"
+                             f" (0 .. {h - 1})")
         if not -t <= token < t:
             raise ValueError(f"--token {token} is out of range: the text has {t} tokens")
         self.steps, self.tokens, self.head, self.token = steps, tokens, head, token % t
@@ -179,7 +180,8 @@ def _model_explained(args: argparse.Namespace, text: str | None) -> Explained:
         layer, head = (best[0] if layer is None else layer), (best[1] if head is None else head)
     n = len(all_steps)
     if not 0 <= layer < n:
-        raise ValueError(f"--layer {layer} is out of range: the model has {n} layers (0 .. {n - 1})")
+        raise ValueError(f"--layer {layer} is out of range: the model has {n} layers"
+                         f" (0 .. {n - 1})")
     return Explained(all_steps[layer], labels, head, args.token,
                      f"{args.model}, layer {layer} of {n}", ids)
 

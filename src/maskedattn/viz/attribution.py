@@ -16,15 +16,15 @@ head's output) are not counted: that is what ablation (:mod:`.ablate`) measures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .steps import LayerSteps, ModelAdapter, adapter_for
+from .steps import LayerSteps, ModelAdapter, adapter_for, model_steps
 
-__all__ = ["HeadEffects", "direct_logit_attribution", "head_writes"]
+__all__ = ["HeadEffects", "PageExtras", "direct_logit_attribution", "head_writes", "page_extras"]
 
 
 @dataclass(frozen=True)
@@ -51,27 +51,25 @@ def head_writes(steps: LayerSteps) -> Tensor:
     return torch.einsum("htd,hdc->htc", o, wo)
 
 
-@torch.no_grad()
 def direct_logit_attribution(model: nn.Module | ModelAdapter, tokens: Sequence[int] | Tensor,
-                             *, targets: Sequence[int] | Tensor | None = None,
-                             steps: list[LayerSteps] | None = None) -> HeadEffects:
+                             *, targets: Sequence[int] | Tensor | None = None) -> HeadEffects:
     """Each head's direct effect on the logit of ``targets`` (default: the model's top prediction
-    at each position), in logit units; see the module docstring for what is approximated.
+    at each position), in logit units; see the module docstring for what is approximated."""
+    return _attribute(model, tokens, targets)[0]
 
-    ``steps`` may pass the :func:`~.steps.model_steps` of every layer already computed.
-    """
-    from .steps import model_steps
 
+@torch.no_grad()
+def _attribute(model: nn.Module | ModelAdapter, tokens: Sequence[int] | Tensor,
+               targets: Sequence[int] | Tensor | None) -> tuple[HeadEffects, list[LayerSteps]]:
     adapter = adapter_for(model)
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
     residual: list[Tensor] = []
     handle = adapter.final_residual().register_forward_pre_hook(
         lambda module, args: residual.append(args[0][0].detach()))
     try:
-        computed, logits = model_steps(adapter, ids)
+        steps, logits = model_steps(adapter, ids)
     finally:
         handle.remove()
-    steps = steps or computed
     targets = logits.argmax(-1) if targets is None else torch.as_tensor(targets).reshape(-1)
     if targets.shape != (ids.shape[1],):
         raise ValueError(f"targets must hold one token id per position ({ids.shape[1]}), got"
@@ -82,4 +80,41 @@ def direct_logit_attribution(model: nn.Module | ModelAdapter, tokens: Sequence[i
     for s in steps:
         normed = adapter.frozen_final_norm(head_writes(s), full)  # (H, T, C)
         effects.append((normed * unembed).sum(-1))
-    return HeadEffects([s.layer for s in steps], torch.stack(effects), targets, logits)
+    return HeadEffects([s.layer for s in steps], torch.stack(effects), targets, logits), steps
+
+# Above this many numbers per tensor (L * H * T * D) the attention page leaves q and k out: a
+# 12-layer, 12-head, 1024-token GPT-2 would need 36 MB for them.
+MAX_QK_NUMBERS = 1 << 20
+
+
+@dataclass(frozen=True)
+class PageExtras:
+    """What the attention page shows beyond the maps: the q and k behind every score, and each
+    head's direct effect on the predicted token (:func:`page_extras` builds it).
+
+    ``q`` and ``k`` (L, H, T, D) float32 after positions, k repeated per query head (grouped-
+    query attention), or None when too large; ``effects`` (L, H, T) in logits;
+    ``predicted`` the label of the model's top next token at each position.
+    """
+
+    layers: list[int]
+    q: Tensor | None
+    k: Tensor | None
+    scale: float
+    effects: Tensor
+    predicted: list[str]
+
+
+@torch.no_grad()
+def page_extras(model: nn.Module | ModelAdapter, tokens: Sequence[int] | Tensor,
+                label: Callable[[int], str]) -> PageExtras:
+    """Run the model once on ``tokens`` and collect :class:`PageExtras` for every layer;
+    ``label(token_id)`` names a predicted token."""
+    effects, steps = _attribute(model, tokens, None)
+    group = steps[0].weights.n_heads // steps[0].weights.n_kv_heads
+    q = torch.stack([s.q for s in steps]).float()
+    k = torch.stack([s.k.repeat_interleave(group, dim=0) for s in steps]).float()
+    keep = q.numel() <= MAX_QK_NUMBERS
+    return PageExtras([s.layer for s in steps], q if keep else None, k if keep else None,
+                      steps[0].scale, effects.effects.float(),
+                      [label(int(i)) for i in effects.targets.tolist()])

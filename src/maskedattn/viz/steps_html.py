@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .steps import LayerSteps
 
-__all__ = ["MAX_STEPS_TOKENS", "render_steps_html", "steps_page_data", "write_steps_html"]
+__all__ = ["MAX_STEPS_TOKENS", "render_steps_html", "show_steps", "steps_page_data",
+           "write_steps_html"]
 
 # The page holds every head's T x T scores and probabilities as text: 256 tokens of 12 heads is
 # about 1.5 million numbers, 10 MB. Beyond that, choose a shorter text.
@@ -91,3 +92,12 @@ def write_steps_html(steps: LayerSteps, tokens: list[str], path: str | Path, *, 
     path.write_text(render_steps_html(steps, tokens, head=head, token=token, title=title),
                     encoding="utf-8")
     return path
+
+
+def show_steps(steps: LayerSteps, tokens: list[str], *, head: int = 0, token: int | None = None,
+               title: str = "The five steps", height: int = 900):
+    """The steps page for inline display in Jupyter (an :class:`~.html.InlinePage`)."""
+    from .html import InlinePage
+
+    return InlinePage(render_steps_html(steps, tokens, head=head, token=token, title=title),
+                      height)
