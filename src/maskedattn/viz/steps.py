@@ -16,7 +16,8 @@ Models are reached through an adapter (:class:`ModelAdapter`): it names, for eac
 weights in the textbook layout (X·W), the module whose input is the layer's X, how positions are
 applied to q and k, and, for direct logit attribution and ablation, the output projection, the
 final norm and the unembedding. :func:`adapter_for` picks one; our GPT's is built in, and other
-model families add theirs with :func:`register_adapter`.
+model families add theirs with :func:`register_adapter`. ``transformers`` models of GPT-2's and
+LLaMA's layouts have theirs in :mod:`.steps_hf`, imported only when one is handed in.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..attention.masks import Causal, Mask
 from ..attention.reference import AttentionTrace, attention_trace
 
 __all__ = ["GPTAdapter", "LayerInput", "LayerSteps", "LayerWeights", "ModelAdapter",
-           "adapter_for", "layer_steps", "model_steps", "register_adapter"]
+           "adapter_for", "frozen_norm", "layer_steps", "model_steps", "register_adapter"]
 
 
 @dataclass(frozen=True)
@@ -167,25 +168,43 @@ class GPTAdapter(ModelAdapter):
         return self.model.norm
 
     def frozen_final_norm(self, part: Tensor, full: Tensor) -> Tensor:
-        """LayerNorm: centre ``part`` (linear), divide by the std of ``full``, times the gain
-        (the bias belongs to no piece). RMSNorm: divide by the rms of ``full``, times the gain."""
-        norm = self.model.norm
-        full = full.double()
-        gain = norm.weight.detach().double()
-        if isinstance(norm, nn.LayerNorm):
-            centred = part - part.mean(-1, keepdim=True)
-            return centred / torch.sqrt(full.var(-1, unbiased=False, keepdim=True)
-                                        + norm.eps) * gain
-        return part / torch.sqrt(full.pow(2).mean(-1, keepdim=True) + norm.eps) * gain
+        """See :func:`frozen_norm`."""
+        return frozen_norm(self.model.norm, part, full)
 
     def unembedding(self) -> Tensor:
         """``lm_head.weight``."""
         return self.model.lm_head.weight.detach()
 
 
+def frozen_norm(norm: nn.Module, part: Tensor, full: Tensor) -> Tensor:
+    """``norm`` applied to ``part`` with its scale frozen at its value on ``full``.
+
+    LayerNorm: centre ``part`` (linear), divide by the standard deviation of ``full``, times the
+    gain; the bias belongs to no piece. RMSNorm (anything else with a ``weight`` and an ``eps``
+    or ``variance_epsilon``): divide by the root-mean-square of ``full``, times the gain.
+    """
+    full = full.double()
+    gain = norm.weight.detach().double()
+    if isinstance(norm, nn.LayerNorm):
+        centred = part - part.mean(-1, keepdim=True)
+        return centred / torch.sqrt(full.var(-1, unbiased=False, keepdim=True) + norm.eps) * gain
+    eps = getattr(norm, "eps", None)
+    eps = getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
+    return part / torch.sqrt(full.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+def _transformers_adapter(model: nn.Module) -> ModelAdapter | None:
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from .steps_hf import hf_adapter  # only when handed a transformers model
+
+    return hf_adapter(model)
+
+
 _ADAPTERS: list[Callable[[nn.Module], ModelAdapter | None]] = [
     lambda m: GPTAdapter(m) if hasattr(m, "blocks") and hasattr(m, "config")
     and hasattr(m.config, "positions") else None,
+    _transformers_adapter,
 ]
 
 
@@ -203,7 +222,8 @@ def adapter_for(model: nn.Module | ModelAdapter) -> ModelAdapter:
         if (adapter := factory(model)) is not None:
             return adapter
     raise TypeError(f"no attention adapter knows a {type(model).__name__}: the steps, attribution"
-                    " and ablation need a maskedattn GPT (or register_adapter for yours)")
+                    " and ablation need a maskedattn GPT, a transformers GPT-2 or LLaMA-style"
+                    " model, or register_adapter for yours")
 
 
 @dataclass(frozen=True)
