@@ -86,3 +86,17 @@ def test_console_script_and_bad_mask() -> None:
                              "window:0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "w must be an integer >= 1" in result.stderr
+
+
+def test_chosen_head_token_and_page_in_random_mode(capsys, tmp_path) -> None:
+    page = tmp_path / "steps.html"
+    out = run(capsys, "a b c a", "--head", "1", "--token", "2", "--html", str(page))
+    flat = " ".join(out.split())
+    assert "[head 1, Q, all 8 dims]" in out and "showing head 1" in flat
+    assert "One row worked through: query 2 'c', head 1" in flat
+    assert "key 3 'a'" in flat and "hidden by the mask" in flat  # key 3 is after query 2
+    assert "'a' at positions 0 and 3 has the same row of Q and of K" in flat
+    html = page.read_text()
+    assert '"positions":"none"' in html and '"head":1' in html and '"token":2' in html
+    assert main(["explain", "a b", "--token", "5"]) == 2
+    assert "--token 5 is out of range" in capsys.readouterr().err

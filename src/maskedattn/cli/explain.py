@@ -34,13 +34,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "explain",
         help="print every step of masked self-attention on a text (random or a model's weights)",
-        description="Run the five steps of masked self-attention (projections, positions, raw "
-        "scores and scaling, mask, softmax, weighted sum of values, output projection) on the "
-        "tokens of TEXT and print each step's matrix, tokens on rows (queries) and columns "
-        "(keys), then work one query's row through cell by cell. Without --model the weights "
-        "are small seeded random ones; with --model they are the model's own, and the input is "
-        "what the chosen layer really receives (after its norm). --html writes the same as an "
-        "interactive page that works offline.",
+        description=textwrap.fill(
+            "Run the five steps of masked self-attention (projections, positions, raw scores and"
+            " scaling, mask, softmax, weighted sum of values, output projection) on the tokens of"
+            " TEXT and print each step's matrix, tokens on rows (queries) and columns (keys), then"
+            " work one query's row through cell by cell. Without --model the weights are small"
+            " seeded random ones; with --model they are the model's own, and the input is what"
+            " the chosen layer really receives (after its norm). --html writes the same as an"
+            " interactive page that works offline.", 78),
         epilog='Examples: maskedattn explain "the cat sat on the mat" --mask window:2\n'
         '  maskedattn explain --model maskedattn-demo/model --ids 3,17,40,3,17 --token 4\n'
         '  maskedattn explain --model run/ckpt --text "to be or not to be" --html steps.html',
