@@ -2,11 +2,13 @@
 ``explain --model`` works the five steps on real weights, and both pages work in a real chromium
 (the attention page at 1400, 800 and 400 px; the steps page's interactions).
 
-One full demo run (600 steps, about 40 s on two idle cores) serves every test of this module.
+One full demo run (600 steps, about 40 s on two idle cores) serves every test of this module,
+and every pytest-xdist worker.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -23,8 +25,16 @@ needs_browser = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("understanding") / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    # Under pytest-xdist every worker would train its own copy: they share one instead, in the
+    # run's common temporary directory, the first to arrive training while the others wait.
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "understanding-demo"
+    with open(root / "understanding-demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "ablation.json").is_file():
+            assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
