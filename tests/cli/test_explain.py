@@ -19,10 +19,17 @@ def run(capsys, *argv: str) -> str:
 
 def test_printout_walks_through_the_five_steps(capsys) -> None:
     out = run(capsys, "the cat sat on the mat", "--heads", "2", "--seed", "3")
-    for step in ("Step 1 - projections", "Step 2 - scores", "Step 3 - mask", "Step 4 - softmax",
-                 "Step 5", "Why the mask goes before the softmax"):
+    for step in ("Step 0 - the input X", "Step 1 - projections", "Step 1b - positions: none",
+                 "Step 2 - raw scores", "[raw QKᵀ]", "[scaled]", "Step 3 - mask",
+                 "Step 4 - softmax", "Step 5", "Step 6", "[output, dims 0-", "One row worked",
+                 "Why the mask goes before the softmax"):
         assert step in out
-    assert out.count("=== head") == 2
+    # Q, K and V of the chosen head, with an honest label (D = 8 dims fit: all of them).
+    for name in ("Q", "K", "V"):
+        assert f"[head 0, {name}, all 8 dims]" in out
+    # Two equal words: equal rows, and the note that attention alone has no positions.
+    assert "'the' at positions 0 and 4 has the same row of Q and of K" in out
+    assert "attention alone has no notion of position" in out
     assert max(len(line) for line in out.splitlines()) <= 80
     # Causal: the first query row hides every later key.
     masked_first_row = out.split("[masked]")[1].splitlines()[2]
@@ -51,7 +58,7 @@ def test_json_trace_is_complete_and_consistent(capsys) -> None:
 
 def test_none_mask_and_bytes_tokens(capsys) -> None:
     out = run(capsys, "hi you", "--tokens", "bytes", "--mask", "none")
-    assert "6 tokens (bytes): h | i | ␣ | y | o | u" in out
+    assert "6 tokens: h | i | ␣ | y | o | u" in out
     assert "-inf" not in out.split("[masked]")[1].split("Step 4")[0]
     assert "the order does not matter" in out
 
@@ -79,3 +86,17 @@ def test_console_script_and_bad_mask() -> None:
                              "window:0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "w must be an integer >= 1" in result.stderr
+
+
+def test_chosen_head_token_and_page_in_random_mode(capsys, tmp_path) -> None:
+    page = tmp_path / "steps.html"
+    out = run(capsys, "a b c a", "--head", "1", "--token", "2", "--html", str(page))
+    flat = " ".join(out.split())
+    assert "[head 1, Q, all 8 dims]" in out and "showing head 1" in flat
+    assert "One row worked through: query 2 'c', head 1" in flat
+    assert "key 3 'a'" in flat and "hidden by the mask" in flat  # key 3 is after query 2
+    assert "'a' at positions 0 and 3 has the same row of Q and of K" in flat
+    html = page.read_text()
+    assert '"positions":"none"' in html and '"head":1' in html and '"token":2' in html
+    assert main(["explain", "a b", "--token", "5"]) == 2
+    assert "--token 5 is out of range" in capsys.readouterr().err

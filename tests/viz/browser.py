@@ -142,6 +142,20 @@ class Browser:
         }})()""")
         return box[0], box[1]
 
+    @contextlib.contextmanager
+    def inside_iframe(self):
+        """Inside the block, commands go to the page's iframe (chromium runs a sandboxed iframe
+        as a target of its own, so the page's session cannot reach into it)."""
+        targets = self.call("Target.getTargets", session=False)["targetInfos"]
+        frame = next(t["targetId"] for t in targets if t["type"] == "iframe")
+        session = self.call("Target.attachToTarget", targetId=frame, flatten=True,
+                            session=False)["sessionId"]
+        page, self._session = self._session, session
+        try:
+            yield
+        finally:
+            self._session = page
+
     def screenshot(self, path: Path) -> Path:
         """A PNG of the viewport."""
         data = self.call("Page.captureScreenshot", format="png")["data"]

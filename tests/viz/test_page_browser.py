@@ -82,7 +82,11 @@ def test_loads_from_disk_with_no_network_and_renders(browser, page) -> None:
     assert browser.evaluate("document.querySelectorAll('#tokens .tok.gen').length") == 10
     assert browser.evaluate("document.querySelectorAll('#overview td').length") == 6
     assert browser.evaluate("[heatmap.width, heatmap.height]") == [T, T]
+    # It opens on the most telling head: the induction head, layer 1 head 0.
+    assert browser.evaluate("[layer.value, head.value]") == ["1", "0"]
+    assert text(browser, "#head-info").startswith("Layer 1, head 0: induction 1.00")
     # Layer 0 head 0 is previous-token: dark one below the diagonal, grey above it.
+    browser.click(*browser.center_of('#overview td[data-layer="0"][data-head="0"]'))
     assert pixel(browser, 10, 9)[2] < 140 and pixel(browser, 10, 11)[:3] == [0xd4] * 3
     assert text(browser, "#head-info").startswith(
         "Layer 0, head 0: induction 0.00 · previous token 1.00")
@@ -92,6 +96,7 @@ def test_loads_from_disk_with_no_network_and_renders(browser, page) -> None:
 
 def test_hover_shows_whom_a_token_attends_to(browser, page, maps) -> None:
     browser.open(page)
+    browser.click(*browser.center_of('#overview td[data-layer="0"][data-head="0"]'))
     hover_token(browser, 35)
     assert browser.evaluate("document.querySelector('#tokens .query').dataset.i") == "35"
     assert lit_keys(browser) == {34: 1.0}
@@ -121,6 +126,7 @@ def test_clicking_a_head_and_the_weights_match_python(browser, page, maps) -> No
 
 def test_heatmap_hover_click_and_arrow_keys(browser, page) -> None:
     browser.open(page)
+    browser.click(*browser.center_of('#overview td[data-layer="0"][data-head="0"]'))
     browser.center_of("#heatmap")  # scrolled into view
     cell = browser.evaluate("+heatmap.dataset.cell")
     box = browser.evaluate("(b => [b.left, b.top])(heatmap.getBoundingClientRect())")
@@ -144,6 +150,7 @@ def test_partial_rows_and_screenshot(browser, maps, tmp_path) -> None:
     browser.open(path)
     assert text(browser, "#status").endswith("(3 query rows captured); top 32 weights per row")
     assert browser.evaluate("[heatmap.width, heatmap.height]") == [T, 3]
+    browser.click(*browser.center_of('#overview td[data-layer="0"][data-head="0"]'))
     hover_token(browser, 5)
     assert "its row was not captured" in text(browser, "#detail")
     hover_token(browser, 17)

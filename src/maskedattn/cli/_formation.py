@@ -33,7 +33,7 @@ class Formation:
         """Write formation.png and formation.html into ``out``; say what they show."""
         from ..train.report import plot_heads, read_metrics
         from ..viz.capture import capture_attention
-        from ..viz.steps import write_steps_html
+        from ..viz.training_steps import write_steps_html
 
         records = read_metrics(self.run_dir / "metrics.jsonl")
         plot_heads(records, out / "formation.png",

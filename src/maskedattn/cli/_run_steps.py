@@ -11,7 +11,7 @@ from ..model import GPT
 from ..train import checkpoint as ckpt
 from ..viz.capture import capture_attention
 from ..viz.maps import AttentionMaps
-from ..viz.steps import write_steps_html
+from ..viz.training_steps import write_steps_html
 
 __all__ = ["run_checkpoints", "step_caption", "write_run_steps"]
 

@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     """Train, measure, capture, draw; then tell the user what to open."""
     from ..train.config import TrainConfig
     from ..train.loop import train
-    from ..viz import head_scores, plot_grid, plot_head, save_figure, write_html
+    from ..viz import head_scores, page_extras, plot_grid, plot_head, save_figure, write_html
     from ..viz.capture import capture_attention
+    from .demo_heads import repeat_start, write_understanding
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -94,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     after = task_accuracy(model, task, args.seed)
     print(f"After training:  {after:.0%} of the repeat predicted.")
 
-    example = task.sample(1, torch.Generator().manual_seed(args.seed + 11)).tokens
+    sample = task.sample(1, torch.Generator().manual_seed(args.seed + 11))
+    example = sample.tokens
+    mark = (repeat_start(sample), "the repeat starts")
     labels = [SYLLABLES[i] for i in example[0].tolist()]
     model.eval()
     with torch.no_grad(), capture_attention(model) as cap:
@@ -105,15 +108,16 @@ def run(args: argparse.Namespace) -> int:
 
     induction = scores.ranked("induction", threshold=0.4)
     previous = scores.ranked("previous_token", threshold=0.4)
-    save_figure(plot_grid(maps), out / "attention-grid.png")
+    save_figure(plot_grid(maps, mark=mark), out / "attention-grid.png")
     pictures = ["attention-grid.png"]
     for found, name in ((induction, "induction-head.png"),
                         (previous, "previous-token-head.png")):
         if found:
             layer, head, _ = found[0]
-            save_figure(plot_head(maps, layer, head), out / name)
+            save_figure(plot_head(maps, layer, head, mark=mark), out / name)
             pictures.append(name)
-    write_html(maps, out / "attention.html", title="maskedattn demo: induction heads")
+    write_html(maps, out / "attention.html", title="maskedattn demo: induction heads",
+               extras=page_extras(model, example[0], SYLLABLES.__getitem__), mark=mark)
     (out / "heads.txt").write_text(scores.table() + "\n")
     (out / "heads.json").write_text(json.dumps(scores.to_dict(), indent=1))
 
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     for layer, head, s in induction:
         print(f"  layer {layer} head {head}: induction head (score {s:.2f}), in the repeat each"
               " token attends to the token after its earlier copy")
+    understood = write_understanding(model, task, sample, labels, scores, induction, out,
+                                     args.seed)
     print()
     print(f"Written to {out}/:")
     print("  attention.html           open it in a browser (works offline): pick a layer and a"
@@ -141,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
                                        " predecessor",
         }[name])
     print("  heads.txt, heads.json    role scores of every head")
+    if understood:
+        print("  steps.html               the five steps of the induction head, real numbers;"
+              " ablation.json: the numbers above")
     print(f"  model/                   the trained model: maskedattn viz --model {out}/model"
           " ...")
     print("  run/                     checkpoints, metrics.jsonl and loss.png of the training")

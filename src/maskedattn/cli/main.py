@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommands in the order --help lists them; modules of maskedattn.cli.
-COMMANDS = ["demo", "explain", "prepare", "train", "generate", "viz", "bench"]
+COMMANDS = ["demo", "explain", "prepare", "train", "generate", "viz", "ablate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

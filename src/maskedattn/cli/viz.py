@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.tokenizer import ByteTokenizer, load
     from ..generate import generate
     from ..model import GPT
-    from ..viz import head_scores, plot_grid, plot_head, save_figure, write_html
+    from ..viz import head_scores, page_extras, plot_grid, plot_head, save_figure, write_html
     from ..viz.capture import capture_attention
 
     device = resolve_device(args.device)
@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
             layer, head, _ = ranked[0]
             written.append(save_figure(plot_head(maps, layer, head),
                                        out / f"{role.replace('_', '-')}-head.{args.format}"))
-    written.append(write_html(maps, out / "attention.html", title=f"{args.model}: attention"))
+    # The q·k view and the direct effects redo every layer's T x T steps: short inputs only.
+    extras = page_extras(model, ids, lambda i: _label(tokenizer, i)) if total <= 256 else None
+    written.append(write_html(maps, out / "attention.html", title=f"{args.model}: attention",
+                              extras=extras))
     if args.run is not None:
         from ._run_steps import write_run_steps
 

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .heads import DEFAULT_THRESHOLD, ROLES, head_scores
-from .maps import AttentionMaps
+from .attribution import PageExtras
+from .heads import DEFAULT_THRESHOLD, ROLES, HeadScores, head_scores
+from .maps import AttentionMaps, index_of
 
-__all__ = ["FLOOR", "EncodedMaps", "decode_maps", "encode_maps", "render_html", "write_html"]
+__all__ = ["FLOOR", "EncodedMaps", "InlinePage", "decode_maps", "encode_maps", "most_telling_head",
+           "render_html", "show", "write_html"]
 
 # Weights below FLOOR are dropped; 254 log steps span [FLOOR, 1]: each step is a factor of
 # FLOOR ** (-1/254) = 1.037, so rounding errs by at most half a step, 1.83%.
@@ -132,13 +134,57 @@ def decode_maps(encoded: EncodedMaps) -> torch.Tensor:
     return out.reshape(shape)
 
 
+def most_telling_head(scores: HeadScores, layer: int | None = None) -> tuple[int, int]:
+    """(layer, head) of the head with the highest score of the most specific role that some head
+    reaches the threshold for (induction first, local last); the strongest head overall when
+    none does. ``layer`` restricts the choice to one layer."""
+    best_any = None
+    for role in ROLES:
+        ranked = [x for x in scores.ranked(role) if layer is None or x[0] == layer]
+        if ranked and ranked[0][2] >= DEFAULT_THRESHOLD:
+            return ranked[0][0], ranked[0][1]
+        if ranked and (best_any is None or ranked[0][2] > best_any[2]):
+            best_any = ranked[0]
+    if best_any is None:
+        return (layer or 0), 0
+    return best_any[0], best_any[1]
+
+
+def _extras_header(extras: PageExtras | None, maps: AttentionMaps) -> dict:
+    """The page's q·k and direct-effect data, for the captured layers and heads."""
+    if extras is None:
+        return {}
+    li = [index_of(layer, extras.layers, "layer") for layer in maps.layer_ids]
+    hi = maps.head_ids
+    t = maps.num_tokens
+    out = {"effects": [[[round(v, 4) for v in row[:t]] for row in layer]
+                       for layer in extras.effects[li][:, hi].tolist()],
+           "predicted": extras.predicted[:t]}
+    if extras.q is not None:
+        def b64(x: torch.Tensor) -> str:
+            x = x[li][:, hi, :t].contiguous().numpy().astype("<f4")
+            return base64.b64encode(x.tobytes()).decode("ascii")
+
+        out["qk"] = {"q": b64(extras.q), "k": b64(extras.k), "dim": extras.q.shape[-1],
+                     "scale": extras.scale}
+    return out
+
+
 def render_html(maps: AttentionMaps, *, title: str = "Attention maps", top_k: int = 32,
-                threshold: float = DEFAULT_THRESHOLD) -> str:
+                threshold: float = DEFAULT_THRESHOLD, extras: PageExtras | None = None,
+                mark: tuple[int, str] | None = None) -> str:
     """The page as a string: see :func:`write_html`."""
     encoded = encode_maps(maps, top_k=top_k)
     scores = head_scores(maps)
+    if mark is not None and not (isinstance(mark[0], int) and 0 < mark[0] < maps.num_tokens):
+        raise ValueError(f"mark must be (position, label) with 0 < position < {maps.num_tokens},"
+                         f" got {mark!r}")
+    best = most_telling_head(scores)
     header = {**encoded.header, "title": title, "threshold": threshold, "roles": list(ROLES),
-              "scores": scores.to_dict()}
+              "scores": scores.to_dict(),
+              "initial": [maps.layer_ids.index(best[0]), maps.head_ids.index(best[1])],
+              "mark": None if mark is None else {"at": mark[0], "label": mark[1]},
+              **_extras_header(extras, maps)}
     data = base64.b64encode(zlib.compress(encoded.payload, 6)).decode("ascii")
     # "<" escaped so no token text can close the <script> element it sits in.
     meta = json.dumps(header, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
@@ -149,14 +195,46 @@ def render_html(maps: AttentionMaps, *, title: str = "Attention maps", top_k: in
 
 
 def write_html(maps: AttentionMaps, path: str | Path, *, title: str = "Attention maps",
-               top_k: int = 32, threshold: float = DEFAULT_THRESHOLD) -> Path:
+               top_k: int = 32, threshold: float = DEFAULT_THRESHOLD,
+               extras: PageExtras | None = None, mark: tuple[int, str] | None = None) -> Path:
     """Write the interactive page for ``maps`` to ``path`` (one file, opens offline).
 
     ``top_k`` weights are kept per query row (at most 255); ``threshold`` is the score from which
-    the head overview names a head's role. Returns the path.
+    the head overview names a head's role. ``extras`` (:func:`~.attribution.page_extras`) adds
+    the q·k view of a (query, key) pair and each head's direct effect on the prediction;
+    ``mark`` (position, label) draws a line before that position (e.g. where a repeat starts).
+    The page opens on the most telling head (:func:`most_telling_head`). Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(maps, title=title, top_k=top_k, threshold=threshold),
-                    encoding="utf-8")
+    path.write_text(render_html(maps, title=title, top_k=top_k, threshold=threshold,
+                                extras=extras, mark=mark), encoding="utf-8")
     return path
+
+
+class InlinePage:
+    """A page for a notebook: Jupyter calls ``_repr_html_`` and shows it inline, no server.
+
+    The page runs in a sandboxed ``<iframe srcdoc=...>``, so its script and styles cannot clash
+    with the notebook's.
+    """
+
+    def __init__(self, page: str, height: int = 760) -> None:
+        self.page, self.height = page, height
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" style="width: 100%;'
+                f' height: {self.height}px; border: 1px solid #d0d7de"'
+                ' sandbox="allow-scripts"></iframe>')
+
+    def save(self, path: str | Path) -> Path:
+        """Write the page to ``path`` as a standalone file; returns the path."""
+        path = Path(path)
+        path.write_text(self.page, encoding="utf-8")
+        return path
+
+
+def show(maps: AttentionMaps, *, height: int = 760, **options) -> InlinePage:
+    """The page of ``maps`` for inline display in Jupyter (the cell's last expression, or
+    ``IPython.display.display(show(maps))``); ``options`` as for :func:`write_html`."""
+    return InlinePage(render_html(maps, **options), height)

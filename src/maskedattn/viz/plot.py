@@ -28,20 +28,22 @@ __all__ = ["SCALES", "plot_grid", "plot_head", "save_figure"]
 SCALES = ("auto", "linear", "sqrt", "log")
 MASKED_COLOR = "#d4d4d4"
 GENERATED_COLOR = "#c0392b"
+MARK_COLOR = "#238b45"
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 
 def plot_head(maps: AttentionMaps, layer: int | None = None, head: int | None = None, *,
               scale: str = "auto", max_labels: int = 64, max_pixels: int = 1024,
-              inches: float = 7.0):
+              inches: float = 7.0, mark: tuple[int, str] | None = None):
     """A figure of one head's map, with token labels on both axes when there are at most
     ``max_labels`` tokens (positions otherwise).
 
     ``layer`` and ``head`` are the model's indices (default: the first captured). ``scale`` is
     ``"linear"``, ``"sqrt"``, ``"log"`` or ``"auto"`` (sqrt up to 128 tokens, log beyond: one
     token among a thousand gets about 0.001, invisible on a linear scale). Tokens produced by
-    ``generate`` have red labels, and a dashed line marks where generation started. Returns a
-    ``matplotlib.figure.Figure``.
+    ``generate`` have red labels, and a dashed line marks where generation started. ``mark``
+    (position, label) draws green dashed lines before that position, e.g. where a repeat
+    starts. Returns a ``matplotlib.figure.Figure``.
     """
     mpl = _matplotlib()
     _check_common(maps, scale, max_pixels)
@@ -56,8 +58,11 @@ def plot_head(maps: AttentionMaps, layer: int | None = None, head: int | None = 
     if maps.generated_from is not None:
         _mark_generated(ax, maps, lambda j: j - 0.5, lambda i: i - 0.5, (-0.5, r - 0.5),
                         (-0.5, maps.num_tokens - 0.5))
+    if mark is not None:
+        _mark_generated(ax, maps, lambda j: j - 0.5, lambda i: i - 0.5, (-0.5, r - 0.5),
+                        (-0.5, maps.num_tokens - 0.5), at=mark[0], color=MARK_COLOR)
     _label_axes(ax, maps, max_labels)
-    ax.set_title(f"layer {layer}, head {head}")
+    ax.set_title(f"layer {layer}, head {head}" + (f" (green: {mark[1]})" if mark else ""))
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
     fig.colorbar(image, ax=ax, shrink=0.8, label=f"attention probability ({_scale(scale, maps)})")
@@ -65,9 +70,9 @@ def plot_head(maps: AttentionMaps, layer: int | None = None, head: int | None = 
 
 
 def plot_grid(maps: AttentionMaps, *, scale: str = "auto", max_pixels: int = 200,
-              panel_inches: float = 1.5):
+              panel_inches: float = 1.5, mark: tuple[int, str] | None = None):
     """A figure with one panel per captured head: layers down, heads across, one shared colour
-    scale. Returns a ``matplotlib.figure.Figure``.
+    scale; ``mark`` as in :func:`plot_head`. Returns a ``matplotlib.figure.Figure``.
 
     The panels are tiles of one image (not one axes each), so 12 x 12 heads of 1024 tokens
     draw in seconds; ``max_pixels`` bounds each tile's side.
@@ -97,6 +102,13 @@ def plot_grid(maps: AttentionMaps, *, scale: str = "auto", max_pixels: int = 200
         r = len(maps.positions)
         _mark_generated(ax, maps, lambda j: np.arange(cols) + j / maps.num_tokens,
                         lambda i: np.arange(rows) + i / r, (0, rows), (0, cols))
+    if mark is not None:
+        r = len(maps.positions)
+        _mark_generated(ax, maps, lambda j: np.arange(cols) + j / maps.num_tokens,
+                        lambda i: np.arange(rows) + i / r, (0, rows), (0, cols), at=mark[0],
+                        color=MARK_COLOR)
+        fig.text(left / width, 0.02, f"green dashed lines: {mark[1]}", fontsize=8,
+                 color=MARK_COLOR)
     ax.xaxis.tick_top()
     ax.set_xticks(np.arange(cols) + 0.5, [f"head {h}" for h in maps.head_ids], fontsize=9)
     ax.set_yticks(np.arange(rows) + 0.5, [f"layer {layer}" for layer in maps.layer_ids],
@@ -173,12 +185,15 @@ def _show(ax, values: np.ndarray, hidden: np.ndarray, scale: str, t: int, extent
                      interpolation="nearest", extent=extent)
 
 
-def _mark_generated(ax, maps: AttentionMaps, key_x, row_y, y_span, x_span) -> None:
-    """Dashed lines before the first generated key (and the first generated query row)."""
-    style = {"color": GENERATED_COLOR, "linewidth": 0.8, "linestyles": "--"}
-    if 0 < maps.generated_from < maps.num_tokens:
-        ax.vlines(key_x(maps.generated_from), *y_span, **style)
-    first_row = int(torch.searchsorted(maps.positions, maps.generated_from))
+def _mark_generated(ax, maps: AttentionMaps, key_x, row_y, y_span, x_span, *,
+                    at: int | None = None, color: str = GENERATED_COLOR) -> None:
+    """Dashed lines before the first generated key (and the first generated query row), or
+    before position ``at``."""
+    at = maps.generated_from if at is None else at
+    style = {"color": color, "linewidth": 0.8, "linestyles": "--"}
+    if 0 < at < maps.num_tokens:
+        ax.vlines(key_x(at), *y_span, **style)
+    first_row = int(torch.searchsorted(maps.positions, at))
     if 0 < first_row < len(maps.positions):
         ax.hlines(row_y(first_row), *x_span, **style)
 

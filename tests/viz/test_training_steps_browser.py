@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maskedattn.viz import AttentionMaps
-from maskedattn.viz.steps import render_steps_html, write_steps_html
+from maskedattn.viz.training_steps import render_steps_html, write_steps_html
 
 from . import planted
 from .browser import Browser, find_chromium
