@@ -28,6 +28,7 @@ from ..model import GPT, GPTConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
+from .health import check_step, check_weights
 from .optim import learning_rate, make_optimizer
 from .report import MetricsLog, plot_losses
 
@@ -220,15 +221,19 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             sync = contextlib.nullcontext() if i == config.grad_accum - 1 or dist.world == 1 \
                 else wrapped.no_sync()  # gradients cross ranks on the last micro-batch only
             with sync, _autocast(config, dist.device):
-                loss = _forward(wrapped, part, dist.device).loss.nan_to_num() * share
+                loss = _forward(wrapped, part, dist.device).loss
+                # A part with no scored target (tasks may give one) adds nothing: its mean
+                # loss is 0/0. Any other NaN is real and stops the run below.
+                loss = loss * share if share else loss.nan_to_num(nan=0.0) * 0.0
             with sync:
                 (loss * dist.world).backward()
             loss_sum += loss.item()
         norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        loss_value = dist.sum(loss_sum)
+        check_step(step + 1, loss_value, float(norm), lr, last_ckpt)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = dist.sum(loss_sum)
         tokens_since += tokens_per_step
         if bar is not None:
             bar.update(1)
@@ -243,6 +248,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
                 bar.set_postfix(loss=f"{loss_value:.4f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
+            check_weights(model, step)  # on every rank, before anything is written
             metrics = evaluate(model, source, config, dist.device)
             if dist.is_main:
                 log.write({"step": step, **metrics})
