@@ -222,8 +222,9 @@ def read_manifest(directory: Path) -> dict:
                          " `maskedattn prepare --input FILES --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); prepare the corpus again") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err or 'nested too deeply'}); prepare"
+                         " the corpus again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a maskedattn token manifest")
     if manifest.get("version") != VERSION:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -79,8 +80,10 @@ class GPTConfig:
             )
         for name in ("norm_eps", "rope_base", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GPTConfig: {name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or not math.isfinite(value):
+                raise ValueError(f"GPTConfig: {name} must be a positive number, finite, got"
+                                 f" {value!r}")
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig: {name} must be True or False, got"
@@ -128,9 +131,15 @@ class GPTConfig:
         return cls(**d)
 
 
+# Each size must fit torch's 32-bit index arithmetic in some kernels; a product of two such
+# sizes (a weight matrix's element count) then still fits in 64 bits.
+MAX_SIZE = 2**31 - 1
+
+
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"GPTConfig: {name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(f"GPTConfig: {name} must be an integer >= 1 and <= 2**31 - 1,"
+                         f" got {value!r}")
 
 
 # Fields that differ from the defaults, per preset name.
