@@ -89,12 +89,12 @@ def output_directory(path: str | Path, flag: str = "--out") -> Path:
 
 def _oserror(err: OSError) -> tuple[int, str]:
     where = f"{err.filename}: " if err.filename else ""
-    what = err.strerror or str(err)
+    what = err.strerror or str(err)  # ours carry a sentence; the system's a code and a reason
     if isinstance(err, FileExistsError):
         return USAGE, f"{where}exists and is not a directory; give a new path or remove it"
     if isinstance(err, NotADirectoryError):
         return USAGE, f"{where}a part of this path is a file, not a directory"
-    if isinstance(err, (FileNotFoundError, IsADirectoryError)) and err.strerror:
+    if isinstance(err, (FileNotFoundError, IsADirectoryError)):
         return USAGE, f"{where}{what}"
     if isinstance(err, PermissionError):
         return FAILURE, f"{where}permission denied; choose a place you may write to"
