@@ -51,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from ..viz.capture import capture_attention
 
     model = GPT.from_pretrained(args.model).eval()
-    try:
-        tokenizer = load(args.model)
-    except FileNotFoundError:
-        tokenizer = ByteTokenizer()
     if args.text is not None:  # text needs the model's own tokenizer
         tokenizer = for_model(args.model, model.config.vocab_size)
+    else:
+        try:
+            tokenizer = load(args.model)
+        except FileNotFoundError:
+            tokenizer = ByteTokenizer()
     if args.ids is not None:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
     else:
