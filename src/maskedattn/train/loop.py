@@ -22,12 +22,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.shards import TokenShards, read_manifest
-from ..data.tasks import IGNORE, accuracy, make_task
+from ..data.tasks import IGNORE, make_task
 from ..data.tokenizer import load as load_tokenizer
 from ..model import GPT, GPTConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
+from .evaluation import evaluate_batch
 from .health import check_step, check_weights
 from .optim import learning_rate, make_optimizer
 from .report import MetricsLog, plot_losses
@@ -126,13 +127,19 @@ def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.dev
     """Validation loss and perplexity (corpus) or loss and accuracy (task)."""
     model.eval()
     losses, accs = [], []
-    per_batch = max(1, config.batch_size // config.grad_accum)
-    for batch in source.eval_batches(per_batch, config.eval_batches, config.seed):
+    # Whole batches of --batch-size sequences, run in micro-batches: the same numbers whatever
+    # --grad-accum is (see evaluation.py).
+    def forward(part: tuple):
         with _autocast(config, device):
-            out = _forward(model, batch, device)
-        losses.append(out.loss.item())
-        if source.task is not None:
-            accs.append(accuracy(out.logits.float(), batch.targets.to(device)))
+            return _forward(model, _Batch(*part), device)
+
+    for batch in source.eval_batches(config.batch_size, config.eval_batches, config.seed):
+        loss, acc = evaluate_batch(forward, batch.tokens, batch.targets, batch.documents,
+                                   config.batch_size // config.grad_accum,
+                                   with_accuracy=source.task is not None)
+        losses.append(loss)
+        if acc is not None:
+            accs.append(acc)
     model.train()
     loss = sum(losses) / len(losses)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
