@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
 from .evaluation import evaluate_batch
 from .health import check_step, check_weights
+from .memory import check_fits
 from .optim import learning_rate, make_optimizer
 from .report import MetricsLog, plot_losses
 
@@ -189,6 +190,8 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
     else:
         model = GPT(_model_config(config, _data_vocab(config))).to(dist.device)
     source = _Source(config, model.config, Path(tokenizer_dir) if tokenizer_dir else None)
+    check_fits(model.config, config.batch_size // config.grad_accum // dist.world,
+               source.seq_len, dist.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     data_gen = torch.Generator().manual_seed(config.seed)
     step = 0
