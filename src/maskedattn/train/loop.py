@@ -231,10 +231,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             sync = contextlib.nullcontext() if i == config.grad_accum - 1 or dist.world == 1 \
                 else wrapped.no_sync()  # gradients cross ranks on the last micro-batch only
             with sync, _autocast(config, dist.device):
-                loss = _forward(wrapped, part, dist.device).loss
-                # A part with no scored target (tasks may give one) adds nothing: its mean
-                # loss is 0/0. Any other NaN is real and stops the run below.
-                loss = loss * share if share else loss.nan_to_num(nan=0.0) * 0.0
+                loss = _forward(wrapped, part, dist.device).loss * share  # NaN: see below
             with sync:
                 (loss * dist.world).backward()
             loss_sum += loss.item()
