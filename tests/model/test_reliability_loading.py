@@ -70,3 +70,26 @@ def test_a_deeply_nested_config_is_a_clear_error(tmp_path) -> None:
 def test_gptconfig_refuses_infinite_or_huge_numbers(change, match) -> None:
     with pytest.raises(ValueError, match=match):
         GPTConfig.preset("tiny", **change)
+
+
+class _Planted:
+    """Unpickling this creates a file: the proof that a loader ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
+def test_loading_never_unpickles(tmp_path, name) -> None:
+    import pickle
+
+    GPT(GPTConfig.preset("tiny", **SMALL)).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    (tmp_path / name).write_bytes(pickle.dumps({"wte.weight": _Planted(marker)}))
+    with pytest.raises((ValueError, FileNotFoundError)):
+        GPT.from_pretrained(tmp_path)
+    assert not marker.exists()
