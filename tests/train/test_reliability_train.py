@@ -59,3 +59,23 @@ def test_val_loss_does_not_depend_on_grad_accum() -> None:
         results.append(evaluate(model, _Source(config, model.config, None), config,
                                 torch.device("cpu")))
     assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.slow
+def test_two_processes_twice_give_the_same_run_bit_for_bit(tmp_path) -> None:
+    # What docs/training.md promises for N processes: the same command gives the same run.
+    import subprocess
+    import sys
+
+    from tests.train.test_train import TINY_FLAGS, losses, quiet_env
+
+    args = ["--task", "induction", "--task-size", "8", *TINY_FLAGS, "--steps", "4",
+            "--batch-size", "8", "--eval-every", "4", "--eval-batches", "1", "--log-every", "1"]
+    runs = []
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "maskedattn", "train", "--no-progress",
+                        *args, "--out", str(tmp_path / name)], check=True, env=quiet_env(),
+                       capture_output=True)
+        runs.append(losses(tmp_path / name))
+    assert sorted(runs[0]) == [1, 2, 3, 4] and runs[0] == runs[1]
