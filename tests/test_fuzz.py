@@ -36,7 +36,7 @@ from maskedattn.model import GPT, GPTConfig
 
 QUICK = settings(max_examples=40, deadline=None, derandomize=True,
                  suppress_health_check=list(HealthCheck))
-LONG = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+LONG = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 QUICK_CLI = settings(QUICK, max_examples=20)
 LONG_CLI = settings(LONG, max_examples=150)
 
