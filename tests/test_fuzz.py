@@ -45,9 +45,13 @@ LONG_CLI = settings(LONG, max_examples=150)
 # Commands fuzzed: bench measures for minutes by design, demo trains for seconds per example
 # (it is in the long run only).
 COMMANDS = ["train", "generate", "prepare", "viz", "explain"]
-# Flags whose valid values choose how much work is done: fuzzed with small or invalid values
-# only, so that an example cannot ask for hours of training (that would be a valid request).
+# Integer flags are fuzzed with small or invalid values only, so that an example cannot ask for
+# hours of training (that would be a valid request); those whose defaults mean minutes of work
+# are always given.
 _SIZES = ["-1", "0", "1", "2", "nan", "x", "2.5"]
+_WORK = {"--steps": ["1", "2", "1", "0", "-1"], "--max-new-tokens": ["1", "3", "0", "-1"],
+         "--eval-batches": ["1", "2", "0"], "--generate": ["0", "2", "-1"],
+         "--batch-size": ["1", "2", "4", "0"]}
 # Flags left alone: presets pick models of up to 1.5B parameters (a valid, slow request).
 _FIXED = {"--preset", "--resume", "--help", "-h"}
 
@@ -59,7 +63,7 @@ def world(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     GPT(GPTConfig.preset("tiny", n_layer=1, n_head=2, n_embd=16, context=32)).save_pretrained(
         root / "model")
-    (root / "text.txt").write_text("the cat sat on the mat\n" * 300)
+    (root / "text.txt").write_text("the cat sat on the mat\n" * 3000)  # has validation blocks
     assert main(["prepare", "--input", str(root / "text.txt"), "--out", str(root / "corpus"),
                  "--no-progress"]) == 0
     os.mkfifo(root / "fifo")
@@ -87,6 +91,9 @@ def argvs(draw, world: dict[str, str], commands: list[str]) -> list[str]:
             argv.append(draw(_values(world)))
             continue
         flag = action.option_strings[-1]
+        if flag in _WORK:
+            argv += [flag, draw(st.sampled_from(_WORK[flag]))]
+            continue
         if flag in _FIXED or not (action.required or draw(st.integers(0, 3)) == 0):
             continue
         if action.nargs == 0:
