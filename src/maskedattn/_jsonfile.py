@@ -19,6 +19,8 @@ def read_json_object(file: Path, missing: str) -> dict[str, Any]:
         content = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise ValueError(f"{file} is nested too deeply to be a configuration file") from None
     if not isinstance(content, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(content).__name__}")
     return content

@@ -33,6 +33,7 @@ from .model import GPT
 __all__ = ["SamplingSettings", "decode_one_token", "generate", "prefill", "sample", "stream"]
 
 Prompts = Sequence[Sequence[int]] | Tensor
+SEED_LIMIT = 2**63
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,16 @@ def sample(logits: Tensor, settings: SamplingSettings,
     if seen is not None and settings.repetition_penalty != 1.0:
         p = settings.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+        # A tiny or huge penalty overflows: saturate, so the order of the logits survives.
+        big = torch.finfo(logits.dtype).max
+        logits = logits.clamp(-big, big)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
+    # Shifted so the largest logit is 0 before dividing: however small the temperature (even
+    # one that is 0 in float32), the likeliest tokens keep weight exp(0) = 1, the others tend
+    # to exp(-inf) = 0, and no row becomes NaN: greedy in the limit.
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(shifted == 0, shifted, shifted / settings.temperature)
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -251,6 +259,9 @@ def _generators(seed: int | None, n: int, device: torch.device
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        # torch's generators take 64 bits, and row i uses seed + i.
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
     return [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
 
 

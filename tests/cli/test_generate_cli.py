@@ -18,22 +18,23 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_greedy_continuation_with_bytes(model_dir, capsys):
+def test_greedy_continuation_with_bytes(model_dir, capsysbinary):
+    # The exact bytes come out, those that are not UTF-8 included (no U+FFFD in their place).
     assert main(["generate", "--model", str(model_dir), "--prompt", "Hi",
                  "--max-new-tokens", "6", "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
+    out = capsysbinary.readouterr().out
     model = GPT.from_pretrained(model_dir)
     new = generate(model, [list(b"Hi")], 6, temperature=0)[0]
-    assert out == ByteTokenizer().decode(list(b"Hi") + new) + "\n"
+    assert out == ByteTokenizer().decode_bytes(list(b"Hi") + new) + b"\n"
 
 
-def test_stream_prints_the_same_text(model_dir, capsys):
+def test_stream_prints_the_same_text(model_dir, capsysbinary):
     args = ["generate", "--model", str(model_dir), "--prompt", "Grüße", "--max-new-tokens", "8",
             "--seed", "3", "--top-k", "50", "--top-p", "0.9", "--repetition-penalty", "1.2"]
     main(args)
-    plain = capsys.readouterr().out
+    plain = capsysbinary.readouterr().out
     main([*args, "--stream"])
-    assert capsys.readouterr().out == plain
+    assert capsysbinary.readouterr().out == plain
 
 
 def test_uses_the_tokenizer_json_beside_the_model(tmp_path, capsys):

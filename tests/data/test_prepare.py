@@ -34,7 +34,8 @@ def test_prepare_counts_split_and_tokenizer(corpus, tmp_path, kind, capsys) -> N
     root, texts = corpus
     out = tmp_path / kind
     argv = ["prepare", "--input", str(root), "--suffix", ".py", "--out", str(out),
-            "--tokenizer", kind, "--vocab-size", "400", "--no-progress"]
+            "--tokenizer", kind, "--no-progress", *(["--vocab-size", "400"] if kind == "bpe"
+                                                    else [])]
     assert main(argv) == 0
     assert "training and" in capsys.readouterr().out
     tok = load(out)

@@ -318,6 +318,9 @@ class Mask:
         raise NotImplementedError
 
     def __and__(self, other: Mask) -> Mask:
+        if isinstance(other, Tensor):
+            raise TypeError(f"{self!r} & a tensor: wrap the boolean tensor as DenseMask(tensor)"
+                            " to combine it with a mask spec")
         if not isinstance(other, Mask):
             return NotImplemented
         return AllOf((*_parts(self), *_parts(other)))
@@ -400,6 +403,8 @@ class Padding(Mask):
             raise ValueError(
                 f"Padding: lengths must have shape (B,), got shape {tuple(lengths.shape)}"
             )
+        if lengths.numel() == 0:
+            raise ValueError("Padding: lengths is empty; give one length per batch row")
         if (lengths < 0).any():
             raise ValueError(f"Padding: lengths must be >= 0, got {lengths.tolist()}")
         self.lengths = lengths
@@ -445,6 +450,9 @@ class DenseMask(Mask):
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
             raise TypeError(f"DenseMask: mask must be a bool tensor, got {got}")
+        if mask.is_meta:
+            raise ValueError("DenseMask: the mask is on the meta device, which holds shapes but"
+                             " no values; create it on the device of q")
         if mask.dim() > 4 or mask.dim() < 2:
             raise ValueError(
                 "DenseMask: mask must have 2 to 4 dimensions, broadcastable to (B, Hq, Tq, Tk),"
@@ -460,9 +468,23 @@ class DenseMask(Mask):
 
 
 def _as_int_tensor(x: Tensor | Sequence[int], what: str) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    if isinstance(x, Tensor):
+        t = x
+    else:
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{what} must be a tensor or a list of integers, got"
+                            f" {type(x).__name__}")
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ValueError(f"{what} must be integers that fit in int64, got {x!r:.80}"
+                             f" ({err})") from None
+        if t.numel() == 0:  # [] has no element to take a dtype from
+            t = t.to(torch.int64)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{what} must hold integers, got dtype {t.dtype}")
+    if t.is_meta:
+        raise ValueError(f"{what} is on the meta device, which holds no values")
     return t.to(torch.int64)
 
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from ..data.tokenizer import ByteTokenizer, Tokenizer, load
-from ..generate import stream
+from ..data.tokenizer import for_model
+from ..generate import generate, stream
 from ..model import GPT
 from ._device import add_device_argument, resolve_device
 
@@ -21,11 +21,17 @@ def add_parser(subparsers) -> None:
         "generate",
         help="continue a prompt with a saved model",
         description="Continue PROMPT with the model in DIR (ours or a transformers GPT-2). Text "
-        "is tokenised with the tokenizer saved beside the model (tokenizer.json), or as "
-        "UTF-8 bytes when there is none. Prints the prompt and its continuation.",
+        "is tokenised with the tokenizer saved beside the model (tokenizer.json), --tokenizer, "
+        "or as UTF-8 bytes when there is none and the model's vocabulary is bytes. Prints the "
+        "prompt and its continuation (with --ids: the token ids).",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--ids", help="token ids to continue instead, comma-separated; prints"
+                        " ids (no tokenizer needed)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizer directory or tokenizer.json (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default 64)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="0: greedy; below 1 sharper, above 1 flatter (default 0.8)")
@@ -48,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     """Load, tokenise, generate, print."""
     model = GPT.from_pretrained(args.model, dtype=_DTYPES.get(args.dtype),
                                 device=resolve_device(args.device))
-    tokenizer = _tokenizer(args.model)
+    if args.ids is not None:
+        return _run_ids(model, args)
+    tokenizer = for_model(args.model, model.config.vocab_size, args.tokenizer)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt encodes to no tokens; give some text")
@@ -65,24 +73,38 @@ def run(args: argparse.Namespace) -> int:
         if args.stream:
             shown = _show_new(tokenizer.decode(ids), shown)
     text = tokenizer.decode(ids)
-    if args.stream:
-        sys.stdout.write(text[len(shown):] + "\n")
-    else:
-        print(text)
+    _write(text[len(shown):] + "\n")
     return 0
 
 
-def _tokenizer(directory: str) -> Tokenizer:
+def _run_ids(model: GPT, args: argparse.Namespace) -> int:
     try:
-        return load(directory)
-    except FileNotFoundError:
-        return ByteTokenizer()
+        prompt = [int(x) for x in args.ids.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    if not prompt:
+        raise ValueError("--ids holds no token id")
+    new = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, stop_tokens=args.stop_token,
+                   seed=args.seed)[0]
+    print(",".join(map(str, prompt + new)))
+    return 0
+
+
+def _write(text: str) -> None:
+    """Write ``text`` with the bytes a byte tokenizer kept (lone surrogates) as those bytes."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "utf-8", "surrogateescape"))
+    sys.stdout.flush()
 
 
 def _show_new(text: str, shown: str) -> str:
     """Print what ``text`` adds to ``shown``; hold back a character still being assembled."""
-    if text.endswith("\ufffd"):  # a multi-byte character whose bytes are not all here yet
+    if text and "\udc80" <= text[-1] <= "\udcff":  # bytes of a character not all here yet
         return shown
-    sys.stdout.write(text[len(shown):])
-    sys.stdout.flush()
+    _write(text[len(shown):])
     return text

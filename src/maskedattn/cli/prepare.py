@@ -25,8 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", default="bytes", metavar="bytes|chars|bpe|DIR",
                    help="bytes (default), chars (trained on the input), bpe (byte-level BPE"
                    " trained on the input), or a directory holding a tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=4096,
-                   help="vocabulary size of a trained BPE (default 4096)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size of a trained BPE (default 4096; bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the text held out for validation, in blocks of 4 KiB"
                    " (default 0.1)")
@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..data.prepare import prepare
+    from .errors import output_directory
 
+    output_directory(args.out)
     bar = None
 
     def start(total: int) -> None:
@@ -62,5 +64,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.out}: {counts['train']:,} training and {counts['val']:,} validation tokens,"
           f" vocabulary {manifest['vocab_size']:,} ({manifest['dtype']}),"
           f" {manifest['tokenizer']['files']} files")
+    for kind, what in (("not_regular", "not regular files (FIFOs, sockets, devices)"),
+                       ("binary", "binary files")):
+        names = manifest["skipped"].get(kind, [])
+        if names:
+            print(f"skipped {len(names)} {what}: " + ", ".join(names[:3])
+                  + (", ..." if len(names) > 3 else ""))
+    if counts["val"] == 0:
+        print("note: no validation tokens; give more text or a larger --val-fraction")
     print(f"train on it: maskedattn train --data {args.out} --out runs/my-model")
     return 0

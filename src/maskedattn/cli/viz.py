@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Capture, draw, score, write."""
-    from ..data.tokenizer import ByteTokenizer, load
+    from ..data.tokenizer import ByteTokenizer, for_model, load, printable
     from ..generate import generate
     from ..model import GPT
     from ..viz import head_scores, page_extras, plot_grid, plot_head, save_figure, write_html
@@ -66,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = run_checkpoints(args.run)
         args.model = str(checkpoints[-1])
     model = GPT.from_pretrained(args.model, device=device).eval()
-    try:
-        tokenizer = load(args.model)
-    except FileNotFoundError:
-        tokenizer = ByteTokenizer()
+    if args.text is not None:  # text needs the model's own tokenizer
+        tokenizer = for_model(args.model, model.config.vocab_size)
+    else:
+        try:
+            tokenizer = load(args.model)
+        except FileNotFoundError:
+            tokenizer = ByteTokenizer()
     if args.ids is not None:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
     else:
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     print(scores.table())
     print()
     if args.generate:
-        print("text: " + tokenizer.decode(ids))
+        print("text: " + printable(tokenizer.decode(ids)))
     print("written: " + ", ".join(str(p) for p in written) + f", {out}/heads.txt, heads.json")
     print(f"open {out}/attention.html in a browser: pick a layer and head, hover a token")
     if args.run is not None:

@@ -14,6 +14,7 @@ __all__ = ["prepare"]
 
 TOKENIZERS = ("bytes", "chars", "bpe")
 BLOCK_CHARS = 4096  # the unit of the train/validation split
+DEFAULT_BPE_VOCAB = 4096
 
 
 def _looks_binary(path: Path) -> bool:
@@ -28,7 +29,8 @@ def make_tokenizer(kind: str, files: Sequence[Path], vocab_size: int | None) -> 
     if kind == "chars":
         return CharTokenizer.train(read_blocks(files))
     if kind == "bpe":
-        return train_bpe(read_blocks(files), vocab_size or 4096)
+        return train_bpe(read_blocks(files),
+                         DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size)
     if Path(kind).is_dir():
         return load(kind)
     raise ValueError(f"--tokenizer must be one of {TOKENIZERS} or a directory holding a"
@@ -44,10 +46,20 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
 
     ``progress`` is called with the characters of each block written; ``on_files`` once with
     the total size in bytes of the files, before writing starts (for a progress bar).
+    The manifest's ``skipped`` lists what was not read: ``not_regular`` (FIFOs, sockets,
+    devices, broken links) and ``binary`` files.
     """
-    files = [f for f in find_files(inputs, suffixes) if not _looks_binary(f)]
+    if vocab_size is not None and tokenizer != "bpe":
+        raise ValueError(f"--vocab-size is the size of a trained BPE; it does not apply to"
+                         f" --tokenizer {tokenizer}")
+    not_regular: list[Path] = []
+    found = find_files(inputs, suffixes, skipped=not_regular)
+    files = [f for f in found if not _looks_binary(f)]
     if not files:
         raise FileNotFoundError(f"{list(inputs)} holds no text file")
+    if sum(f.stat().st_size for f in files) == 0:
+        raise ValueError(f"the input files ({len(files)}) are empty: there is no text to"
+                         " tokenise")
     tok = make_tokenizer(tokenizer, files, vocab_size)
     if tok.eot_id is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to separate documents")
@@ -56,8 +68,13 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, *, tokenizer: str = "
     tok.save(out)
     if on_files is not None:
         on_files(sum(f.stat().st_size for f in files))
+    # A byte tokenizer keeps bytes that are not UTF-8 (decoded as surrogates, encoded back).
+    errors = "surrogateescape" if isinstance(tok, ByteTokenizer) else "replace"
+    text_files = set(files)
     return write_shards(
-        read_blocks(files, BLOCK_CHARS), tok.encode, out, vocab_size=tok.vocab_size,
-        separator=tok.eot_id, val_fraction=val_fraction, progress=progress,
-        tokenizer={"kind": type(tok).__name__, "files": len(files)},
+        read_blocks(files, BLOCK_CHARS, errors=errors), tok.encode, out,
+        vocab_size=tok.vocab_size, separator=tok.eot_id, val_fraction=val_fraction,
+        progress=progress, tokenizer={"kind": type(tok).__name__, "files": len(files)},
+        skipped={"not_regular": [str(p) for p in not_regular],
+                 "binary": [str(p) for p in found if p not in text_files]},
     )

@@ -79,12 +79,14 @@ def write_shards(
     shard_tokens: int = 2**26,
     tokenizer: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    skipped: dict | None = None,
 ) -> dict:
     """Encode ``blocks`` of text (an iterator: never all in memory) into shards in ``out_dir``.
 
     An empty string in ``blocks`` marks the end of a document: a separator token is written to
     each split that received part of it.
-    ``progress`` is called with the number of characters of each block. Returns the manifest.
+    ``progress`` is called with the number of characters of each block. ``skipped`` (what the
+    caller did not read) is recorded in the manifest. Returns the manifest.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -125,6 +127,7 @@ def write_shards(
         "separator": separator,
         "tokenizer": tokenizer or {},
         "documents": documents,
+        "skipped": skipped or {},
         "shards": writers["train"].shards + writers["val"].shards,
     }
     tmp = out / (MANIFEST + ".tmp")
@@ -222,8 +225,9 @@ def read_manifest(directory: Path) -> dict:
                          " `maskedattn prepare --input FILES --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); prepare the corpus again") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err or 'nested too deeply'}); prepare"
+                         " the corpus again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a maskedattn token manifest")
     if manifest.get("version") != VERSION:

@@ -5,7 +5,9 @@ Every tokenizer has the same small interface: ``encode(text) -> list[int]``,
 
 - :class:`ByteTokenizer`: the UTF-8 bytes of the text (ids 0-255) and an end-of-text id (256);
   nothing to train. Any byte string, invalid UTF-8 included, round-trips through
-  ``encode_bytes`` / ``decode_bytes``.
+  ``encode_bytes`` / ``decode_bytes``, and through ``decode`` / ``encode`` too: bytes that are
+  not UTF-8 decode as lone surrogates (Python's ``surrogateescape``), so no byte is lost.
+  :func:`printable` shows such text on a terminal.
 - :class:`CharTokenizer`: one id per character seen in a corpus, plus end-of-text and unknown.
 - :class:`HFTokenizer`: a Hugging Face ``tokenizers`` tokenizer in its ``tokenizer.json``
   (GPT-2's BPE, or a byte-level BPE trained on a corpus with :func:`train_bpe`).
@@ -24,13 +26,14 @@ from typing import Any, Protocol
 from .._jsonfile import read_json_object
 from .._optional import require
 
-__all__ = ["EOT", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "load",
-           "train_bpe"]
+__all__ = ["EOT", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "for_model",
+           "load", "printable", "train_bpe"]
 
 EOT = "<|endoftext|>"  # GPT-2's name for the end of a document; ours too
 UNK = "<|unk|>"
 
 HF_FILE = "tokenizer.json"  # Hugging Face tokenizers' own format
+_KEEP_BYTES = "surrogateescape"  # a byte that is not UTF-8 <-> the lone surrogate U+DC00 + byte
 OWN_FILE = "maskedattn_tokenizer.json"  # {"type": ...} for tokenizers that are ours
 
 
@@ -63,15 +66,17 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """One token per UTF-8 byte (ids 0-255) and an end-of-text token (256).
 
-    Decoding replaces broken byte sequences with U+FFFD; ``decode_bytes`` gives the exact bytes.
+    Bytes that are not UTF-8 decode as lone surrogates U+DC80-U+DCFF (``surrogateescape``) and
+    encode back to the same bytes: ``encode(decode(ids)) == ids`` for every byte id.
+    ``decode_bytes`` gives the bytes themselves.
     """
 
     vocab_size = 257
     eot_id = 256
 
     def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of ``text``."""
-        return list(text.encode("utf-8"))
+        """The UTF-8 bytes of ``text`` (lone surrogates from :meth:`decode`: their bytes)."""
+        return list(text.encode("utf-8", errors=_KEEP_BYTES))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Any bytes, valid UTF-8 or not."""
@@ -85,15 +90,19 @@ class ByteTokenizer:
         return bytes(i for i in ids if i != self.eot_id)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The text whose UTF-8 bytes are ``ids``; end-of-text shows as ``<|endoftext|>``."""
+        """The text whose UTF-8 bytes are ``ids``; end-of-text shows as ``<|endoftext|>``.
+
+        Bytes that are not UTF-8 become lone surrogates, which :meth:`encode` turns back into
+        the same bytes (write the text with ``errors="surrogateescape"`` to keep them).
+        """
         parts, run = [], []
         for i in ids:
             if i == self.eot_id:
-                parts += [self.decode_bytes(run).decode("utf-8", errors="replace"), EOT]
+                parts += [self.decode_bytes(run).decode("utf-8", errors=_KEEP_BYTES), EOT]
                 run = []
             else:
                 run.append(i)
-        parts.append(self.decode_bytes(run).decode("utf-8", errors="replace"))
+        parts.append(self.decode_bytes(run).decode("utf-8", errors=_KEEP_BYTES))
         return "".join(parts)
 
     def save(self, directory: str | Path) -> None:
@@ -207,6 +216,57 @@ def load(directory: str | Path) -> Tokenizer:
         return CharTokenizer(chars)
     raise ValueError(f"{own}: unknown tokenizer type {kind!r}; this maskedattn knows 'bytes'"
                      " and 'chars'")
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: bytes that were not UTF-8 shown as ``\\xNN``."""
+    return text.encode("utf-8", errors=_KEEP_BYTES).decode("utf-8", errors="backslashreplace")
+
+
+def for_model(directory: str | Path, vocab_size: int, tokenizer: str | Path | None = None
+              ) -> Tokenizer:
+    """The tokenizer to use with the model in ``directory`` whose vocabulary has ``vocab_size``.
+
+    ``tokenizer`` (a directory, or a ``tokenizer.json`` file) overrides the one saved beside
+    the model; with neither, text is bytes. A tokenizer whose ids do not fit the model's
+    vocabulary is refused (``ValueError``) rather than producing wrong ids: a GPT-2 directory
+    without its ``tokenizer.json`` would otherwise read text as bytes.
+    """
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if path.is_file():
+            tok = load_file(path)
+        elif path.is_dir():
+            tok = load(path)
+        else:
+            raise FileNotFoundError(f"--tokenizer {path}: no such file or directory")
+        source = str(path)
+    else:
+        try:
+            tok, source = load(directory), f"the tokenizer in {directory}"
+        except FileNotFoundError:
+            tok, source = None, None
+    how = ("give one with --tokenizer PATH (a directory or a tokenizer.json, e.g. the model's"
+           " own from where it was published), or pass token ids with --ids")
+    if tok is None:
+        if vocab_size > ByteTokenizer.vocab_size:
+            raise ValueError(f"{directory} holds no {HF_FILE} (nor {OWN_FILE}), and its"
+                             f" vocabulary of {vocab_size} ids is not bytes; {how}")
+        return ByteTokenizer()
+    # Text never encodes to the byte tokenizer's end-of-text id: a 256-id model reads bytes.
+    encodable = 256 if isinstance(tok, ByteTokenizer) else tok.vocab_size
+    if encodable > vocab_size:
+        raise ValueError(f"{source} has {tok.vocab_size} ids but the model only"
+                         f" {vocab_size}: it is not this model's tokenizer; {how}")
+    return tok
+
+
+def load_file(file: str | Path) -> Tokenizer:
+    """A tokenizer from one file: a ``tokenizer.json`` or a ``maskedattn_tokenizer.json``."""
+    file = Path(file)
+    if file.name == OWN_FILE:
+        return load(file.parent)
+    return HFTokenizer.from_file(file)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:

@@ -21,6 +21,7 @@ from .._jsonfile import read_json_object
 from . import hf
 from .config import GPTConfig
 from .gpt import GPT
+from .safety import check_layers, read_header
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
 
@@ -56,11 +57,15 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     """Read a checkpoint directory written by :func:`save` or by ``transformers`` (GPT-2)."""
     path = Path(path)
     meta = _read_config(path)
+    # Names and shapes only: the config is held against the file before anything is built.
+    header = read_header(path / WEIGHTS_FILE)
     if meta.get("model_type") == hf.MODEL_TYPE:
         config = hf.config_from_transformers(meta)
+        check_layers(config.n_layer, header, path / WEIGHTS_FILE)
         names = hf.weight_names(config)
     elif meta.get("format") == FORMAT:
         config = _our_config(meta, path)
+        check_layers(config.n_layer, header, path / WEIGHTS_FILE)
         names = [(name, name, False) for name in _stored_names(config)]
     else:
         raise ValueError(
@@ -68,16 +73,18 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
             f" nor a transformers GPT-2 (\"model_type\": \"gpt2\"); it has format="
             f"{meta.get('format')!r}, model_type={meta.get('model_type')!r}"
         )
-    tensors = _read_weights(path / WEIGHTS_FILE)
+    renamed = {name: name for name in header}
     if meta.get("model_type") == hf.MODEL_TYPE:
-        renamed = hf.normalise_names(list(tensors), config)
-        tensors = {full: tensors[name] for full, name in renamed.items()}
+        renamed = hf.normalise_names(list(header), config)
     with torch.device("meta"):  # shapes only: the weights come from the file
         skeleton = GPT(config)
     skeleton_state = skeleton.state_dict()
     expected = {stored: _stored_shape(skeleton_state[ours].shape, conv1d)
                 for ours, stored, conv1d in names}
-    _check_tensors(expected, tensors, path / WEIGHTS_FILE)
+    _check_tensors(expected, {full: header[name] for full, name in renamed.items()},
+                   path / WEIGHTS_FILE)
+    tensors = _read_weights(path / WEIGHTS_FILE)
+    tensors = {full: tensors[name] for full, name in renamed.items()}
     state = {ours: tensors[stored].t() if conv1d else tensors[stored]
              for ours, stored, conv1d in names}
     dtype = dtype or state["wte.weight"].dtype

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,6 +62,12 @@ class GPTConfig:
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", self._default_mlp_hidden())
         _check_positive_int("mlp_hidden", self.mlp_hidden)
+        # The rows of the largest matrices (embeddings, position table, fused q|k|v, the MLP's
+        # up projection) times their width: torch cannot even describe a tensor beyond this.
+        widest = max(self.vocab_size, self.context, 3 * self.n_embd, 2 * self.mlp_hidden)
+        if widest * self.n_embd > MAX_ELEMENTS:
+            raise ValueError(f"GPTConfig: a weight matrix of {widest} x {self.n_embd} elements"
+                             f" is too large for any tensor (at most 2**59 elements)")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
@@ -79,8 +86,10 @@ class GPTConfig:
             )
         for name in ("norm_eps", "rope_base", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GPTConfig: {name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or not math.isfinite(value):
+                raise ValueError(f"GPTConfig: {name} must be a positive number, finite, got"
+                                 f" {value!r}")
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig: {name} must be True or False, got"
@@ -128,9 +137,16 @@ class GPTConfig:
         return cls(**d)
 
 
+# Each size must fit torch's 32-bit index arithmetic in some kernels; a product of two such
+# sizes (a weight matrix's element count) then still fits in 64 bits.
+MAX_SIZE = 2**31 - 1
+MAX_ELEMENTS = 2**59  # its bytes, even in float64, fit in a signed 64-bit size
+
+
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"GPTConfig: {name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(f"GPTConfig: {name} must be an integer >= 1 and <= 2**31 - 1,"
+                         f" got {value!r}")
 
 
 # Fields that differ from the defaults, per preset name.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .checks import check_numbers
+
 __all__ = ["TrainConfig"]
 
 
@@ -49,23 +51,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if (self.data is None) == (self.task is None):
             raise ValueError("give exactly one of --data (a prepared corpus) or --task")
-        positive = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                    "log_every", "task_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got"
-                                 f" {getattr(self, name)}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ValueError(f"--seq-len must be >= 1, got {self.seq_len}")
+        check_numbers(self)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum"
                              f" {self.grad_accum}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= --min-lr <= --lr, got {self.min_lr} and {self.lr}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.keep < 1:
-            raise ValueError("--warmup, --weight-decay and --grad-clip must be >= 0, --keep >= 1")
 
     def to_json(self) -> dict:
         """A JSON-ready dict (``model`` overrides as an object)."""

@@ -22,12 +22,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.shards import TokenShards, read_manifest
-from ..data.tasks import IGNORE, accuracy, make_task
+from ..data.tasks import IGNORE, make_task
 from ..data.tokenizer import load as load_tokenizer
 from ..model import GPT, GPTConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
+from .evaluation import evaluate_batch
+from .health import check_step, check_weights
+from .memory import check_fits
 from .optim import learning_rate, make_optimizer
 from .report import MetricsLog
 from .watch import Watch, progress_mode
@@ -126,13 +129,19 @@ def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.dev
     """Validation loss and perplexity (corpus) or loss and accuracy (task)."""
     model.eval()
     losses, accs = [], []
-    per_batch = max(1, config.batch_size // config.grad_accum)
-    for batch in source.eval_batches(per_batch, config.eval_batches, config.seed):
+    # Whole batches of --batch-size sequences, run in micro-batches: the same numbers whatever
+    # --grad-accum is (see evaluation.py).
+    def forward(part: tuple):
         with _autocast(config, device):
-            out = _forward(model, batch, device)
-        losses.append(out.loss.item())
-        if source.task is not None:
-            accs.append(accuracy(out.logits.float(), batch.targets.to(device)))
+            return _forward(model, _Batch(*part), device)
+
+    for batch in source.eval_batches(config.batch_size, config.eval_batches, config.seed):
+        loss, acc = evaluate_batch(forward, batch.tokens, batch.targets, batch.documents,
+                                   config.batch_size // config.grad_accum,
+                                   with_accuracy=source.task is not None)
+        losses.append(loss)
+        if acc is not None:
+            accs.append(acc)
     model.train()
     loss = sum(losses) / len(losses)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
@@ -185,6 +194,8 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
     else:
         model = GPT(_model_config(config, _data_vocab(config))).to(dist.device)
     source = _Source(config, model.config, Path(tokenizer_dir) if tokenizer_dir else None)
+    check_fits(model.config, config.batch_size // config.grad_accum // dist.world,
+               source.seq_len, dist.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     data_gen = torch.Generator().manual_seed(config.seed)
     step = 0
@@ -226,15 +237,16 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             sync = contextlib.nullcontext() if i == config.grad_accum - 1 or dist.world == 1 \
                 else wrapped.no_sync()  # gradients cross ranks on the last micro-batch only
             with sync, _autocast(config, dist.device):
-                loss = _forward(wrapped, part, dist.device).loss.nan_to_num() * share
+                loss = _forward(wrapped, part, dist.device).loss * share  # NaN: see below
             with sync:
                 (loss * dist.world).backward()
             loss_sum += loss.item()
         norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        loss_value = dist.sum(loss_sum)
+        check_step(step + 1, loss_value, float(norm), lr, last_ckpt)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = dist.sum(loss_sum)
         tokens_since += tokens_per_step
         if bar is not None:
             bar.update(1)
@@ -250,6 +262,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
                 bar.set_postfix(loss=f"{loss_value:.4f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
+            check_weights(model, step)  # on every rank, before anything is written
             metrics = evaluate(model, source, config, dist.device)
             metrics.update(watch.measure(model, step, metrics))  # bits, time; --track-heads
             if dist.is_main:
