@@ -24,7 +24,7 @@ from maskedattn.attention import (
     native,
     tiled,
 )
-from maskedattn.attention.api import _validate
+from maskedattn.attention.lowering import lower_call
 from tests.helpers import ERROR_FLOOR, assert_close_to_reference, random_qkv, relative_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -197,8 +197,7 @@ def test_tile_sizes_match_reference(blocks):
     on both paths (called directly, with the tile size as an argument)."""
     q, k, v = random_qkv(1, 2, 1, 70, 90, 16)
     do = torch.randn(q.shape)
-    call = _validate(q, k, v, SlidingWindow(20) & Documents(_docs(1, 90, 0)), None, None, None,
-                     True)
+    call = lower_call(q, k, v, SlidingWindow(20) & Documents(_docs(1, 90, 0)), return_lse=True)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = ma.reference_attention(*leaves, call.rule, return_lse=True)
     ref_out.backward(do.double())
@@ -250,7 +249,7 @@ def _check_random_call(b, hkv, group, tq, tk, d, kind, window, seed):
 
 def _call(**changes):
     q, k, v = random_qkv(1, 1, 1, 4, 4, 8)
-    return replace(_validate(q, k, v, None, None, None, None, False), **changes)
+    return replace(lower_call(q, k, v, None), **changes)
 
 
 def test_declines_other_devices_and_dtypes():
@@ -271,7 +270,7 @@ def test_auto_picks_tiled_on_cpu():
     if native.kernel() is None:
         pytest.skip("without its native kernel tiled leaves these calls to sdpa")
     q, k, v = random_qkv(1, 2, 2, 256, 256, 64)
-    call = _validate(q, k, v, Causal(), None, None, None, False)
+    call = lower_call(q, k, v, Causal())
     assert choose_backend(call) == "tiled"
 
 
@@ -300,7 +299,7 @@ def test_memory_is_linear_in_t(path):
     T x T score matrix would take 256 or 64 MiB; the tiles take a few MiB."""
     t = 8192 if path == "native" else 4096
     q, k, v = random_qkv(1, 1, 1, t, t, 16)
-    call = _validate(q, k, v, Causal(), None, None, None, False)
+    call = lower_call(q, k, v, Causal())
     kernel = native.kernel()
 
     def run():

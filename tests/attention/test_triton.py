@@ -242,9 +242,9 @@ def _call(dtype=torch.float32, d=16, bias=None, device=DEVICE):
     q, k, v = random_qkv(1, 2, 2, 8, 8, d, dtype=dtype, device=device)
     if bias is not None:
         q.requires_grad_()
-    from maskedattn.attention.api import _validate
+    from maskedattn.attention.lowering import lower_call
 
-    return _validate(q, k, v, None, bias, None, None, False)
+    return lower_call(q, k, v, bias=bias)
 
 
 @needs_triton

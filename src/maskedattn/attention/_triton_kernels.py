@@ -1,4 +1,4 @@
-"""Flash attention in Triton: the kernels, their launchers and the ``autograd.Function``.
+"""Flash attention in Triton: the kernels and their launchers (see :mod:`.ops` for the operators).
 
 Imported lazily by :mod:`maskedattn.attention.triton` (it needs ``triton``). The algorithm is
 FlashAttention-2's, in base 2:
@@ -810,26 +810,12 @@ def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Output and LSE of attention; the backward recomputes probabilities from the LSE."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sc: _Scores) -> tuple[Tensor, Tensor]:
-        o, lse = _forward(q, k, v, sc)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scores = sc
-        ctx.set_materialize_grads(False)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do: Tensor | None, dlse: Tensor | None):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:  # only the LSE was used
-            do = torch.zeros_like(o)
-        dq, dk, dv = _backward(do, dlse, q, k, v, o, lse, ctx.scores)
-        return dq, dk, dv, None
+def forward(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Tq, D) and LSE (B, Hq, Tq) for a validated call (``triton_fwd``)."""
+    return _forward(q, k, v, _score_args(call))
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """Attention output (B, Hq, Tq, D) and LSE (B, Hq, Tq) for a validated call."""
-    return FlashAttention.apply(q, k, v, _score_args(call))
+def backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+             lse: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), the probabilities recomputed from the LSE (``triton_bwd``)."""
+    return _backward(do, dlse, q, k, v, o, lse, _score_args(call))

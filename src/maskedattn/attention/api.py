@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -12,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .backend import AttentionCall
-from .masks import Alibi, Mask, as_rule
+from .lowering import lower_call
+from .masks import Alibi, Mask
 from .observe import notify, watched
 
 __all__ = ["attention", "available_backends", "choose_backend", "register_backend"]
@@ -121,7 +121,8 @@ def attention(
     Returns:
         the output (B, Hq, Tq, D) in the inputs' dtype, and the LSE if ``return_lse``.
     """
-    call = _validate(q, k, v, mask, bias, softcap, scale, return_lse)
+    call = lower_call(q, k, v, mask, bias=bias, softcap=softcap, scale=scale,
+                      return_lse=return_lse)
     name = choose_backend(call, backend)
     run = _module(name).run
     out, lse = run(q, k, v, call)
@@ -178,110 +179,3 @@ def _isolate_nans(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
     k = k.masked_fill(nan_keys[..., None], 0.0)
     v = v.masked_fill(nan_keys[..., None], 0.0)
     return q, k, v, rows
-
-
-def _validate(q, k, v, mask, bias, softcap, scale, return_lse) -> AttentionCall:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            want = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, Tk, D)"
-            raise ValueError(
-                f"{name} must have 4 dimensions {want}, got shape {tuple(t.shape)}"
-                + (": add the batch and head dimensions, e.g. x[None, None]" if t.dim() < 4
-                   else "")
-            )
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(
-            f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
-    if not q.device == k.device == v.device:
-        raise ValueError(
-            f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
-        )
-    b, hq, tq, d = q.shape
-    _, hkv, tk, _ = k.shape
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape (B, Hkv, Tk, D), got k {tuple(k.shape)} and"
-            f" v {tuple(v.shape)}"
-        )
-    if k.shape[0] != b:
-        raise ValueError(
-            f"k must have the batch size of q, B={b}: wanted ({b}, Hkv, Tk, {d}),"
-            f" got {tuple(k.shape)}"
-        )
-    if k.shape[3] != d:
-        raise ValueError(
-            f"k must have the head dimension of q, D={d}: wanted ({b}, Hkv, Tk, {d}),"
-            f" got {tuple(k.shape)}"
-        )
-    if min(b, hq, hkv, d) < 1:
-        raise ValueError(
-            f"B, heads and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if tq < 1 or tk < 1:
-        raise ValueError(
-            f"sequence lengths must be >= 1, got Tq={tq} (q {tuple(q.shape)}) and Tk={tk}"
-            f" (k {tuple(k.shape)})"
-        )
-    if hq % hkv:
-        raise ValueError(
-            f"q has Hq={hq} heads, which is not a multiple of the Hkv={hkv} heads of k and v;"
-            f" use Hkv dividing Hq (grouped-query attention) or Hkv == Hq"
-        )
-    if tq > tk:
-        raise ValueError(
-            f"q has Tq={tq} positions but k has only Tk={tk}: queries are the last Tq of the"
-            " Tk positions, so Tq must be <= Tk"
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not _positive_number(scale):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if softcap is not None and not _positive_number(softcap):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    rule = as_rule(mask)
-    rule = rule.to(q.device).fit(b, hq, tq, tk)
-    return AttentionCall(
-        batch=b, q_heads=hq, kv_heads=hkv, q_len=tq, k_len=tk, head_dim=d, dtype=q.dtype,
-        device=q.device, rule=rule, bias=_validate_bias(bias, q, tk), softcap=softcap,
-        scale=float(scale), return_lse=bool(return_lse),
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-    )
-
-
-def _positive_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
-
-
-def _validate_bias(bias, q: Tensor, tk: int) -> Alibi | Tensor | None:
-    b, hq, tq, _ = q.shape
-    if bias is None:
-        return None
-    if isinstance(bias, Alibi):
-        if bias.slopes.shape[0] != hq:
-            raise ValueError(
-                f"bias: Alibi has {bias.slopes.shape[0]} slopes, wanted one per query head,"
-                f" shape ({hq},)"
-            )
-        return Alibi(bias.slopes.to(device=q.device, dtype=torch.float32))
-    if not isinstance(bias, Tensor):
-        raise TypeError(
-            f"bias must be None, Alibi(slopes) or a float tensor, got {type(bias).__name__}"
-        )
-    if not bias.dtype.is_floating_point:
-        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-    want = (b, hq, tq, tk)
-    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-    if bias.dim() > 4 or any(g not in (1, w) for g, w in zip(shape, want, strict=True)):
-        raise ValueError(
-            f"bias has shape {tuple(bias.shape)}, which does not broadcast to (B, Hq, Tq, Tk)"
-            f" = {want}"
-        )
-    if bias.device != q.device:
-        raise ValueError(f"bias must be on the device of q, {q.device}, got {bias.device}")
-    return bias.reshape(shape).expand(*shape[:2], tq, tk)
-
