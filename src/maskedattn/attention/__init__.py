@@ -4,6 +4,7 @@ from .api import attention, available_backends, register_backend
 from .masks import (
     Alibi,
     Causal,
+    ChunkedCausal,
     DenseMask,
     Documents,
     Mask,
@@ -19,6 +20,7 @@ __all__ = [
     "Alibi",
     "AttentionTrace",
     "Causal",
+    "ChunkedCausal",
     "DenseMask",
     "Documents",
     "Mask",

@@ -683,8 +683,14 @@ def _score_args(call: AttentionCall) -> _Scores:
     lengths = doc_ids = doc_first = doc_last = slopes = bias = None
     if rule.lengths is not None:
         lengths = rule.lengths.expand(b).to(torch.int32).contiguous()
-    if rule.documents is not None:
-        doc_ids, doc_first, doc_last = _document_bounds(rule.documents)
+    documents = rule.documents
+    if rule.chunk is not None:
+        # ChunkedCausal(n) is "same chunk" (k // n == q // n): a document per chunk, so the
+        # kernels' document rule (same id) and its tile ranges (first/last position) serve it.
+        chunks = (torch.arange(tk, device=device) // rule.chunk)[None]
+        documents = chunks if documents is None else _pair_ids(documents, chunks)
+    if documents is not None:
+        doc_ids, doc_first, doc_last = _document_bounds(documents)
     if isinstance(call.bias, Alibi):
         slopes = call.bias.slopes.contiguous()
     elif call.bias is not None:

@@ -121,6 +121,8 @@ def attention(
     Returns:
         the output (B, Hq, Tq, D) in the inputs' dtype, and the LSE if ``return_lse``.
     """
+    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
+        q, k, v, bias = _autocast(q.device.type, q, k, v, bias)
     call = lower_call(q, k, v, mask, bias=bias, softcap=softcap, scale=scale,
                       return_lse=return_lse)
     name = choose_backend(call, backend)
@@ -144,6 +146,14 @@ def attention(
     return out, lse.to(lse_dtype)
 
 
+def _autocast(device_type: str, *tensors):
+    """As autocast treats SDPA: floating tensors but float64 in the autocast dtype, so the
+    output comes back in it (mixed input dtypes are cast rather than refused)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64 else t for t in tensors]
+
+
 def _may_hold_nan(q: Tensor, out: Tensor) -> bool:
     """Whether a NaN may have reached the call: in q, or (through k or v) in the output.
 
@@ -153,9 +163,14 @@ def _may_hold_nan(q: Tensor, out: Tensor) -> bool:
     means no row read one. On the CPU only: on a GPU the answer would make the host wait for
     the device on every call, so there the kernels' own arithmetic decides (see the README).
     """
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or _is_batched(q):
         return False
     return bool(torch.isnan(q.sum() + out.sum()))
+
+
+def _is_batched(t: Tensor) -> bool:
+    # Under torch.vmap a tensor cannot become a Python bool; the screen steps aside there.
+    return torch._C._functorch.is_batchedtensor(t)
 
 
 def _isolate_nans(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):

@@ -18,7 +18,8 @@ position ``Tk - Tq + i``. One rule then serves training (Tq = Tk) and decoding w
 
 Masks
 -----
-``Causal()``, ``SlidingWindow(w)``, ``Padding(lengths)``, ``Documents(ids)``, ``PrefixLM(n)`` and
+``Causal()``, ``SlidingWindow(w)``, ``ChunkedCausal(n)``, ``Padding(lengths)``,
+``Documents(ids)``, ``PrefixLM(n)`` and
 ``DenseMask(tensor)`` are declarative specs, combined with ``&`` (a key is visible when every
 part allows it). Each reduces to one :class:`MaskRule`, which answers the two questions every
 backend asks: the dense boolean mask for a rectangle of (query, key) positions, and, per tile of
@@ -49,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "Alibi",
     "Causal",
+    "ChunkedCausal",
     "DenseMask",
     "Documents",
     "Mask",
@@ -401,6 +403,21 @@ class PrefixLM(Mask):
 
     def rule(self) -> MaskRule:
         return MaskRule(prefix=self.n)
+
+
+@dataclass(frozen=True)
+class ChunkedCausal(Mask):
+    """Causal inside fixed chunks of ``n`` positions (Llama 4's chunked attention):
+    k <= q and k // n == q // n."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"ChunkedCausal: n must be an integer >= 1, got {self.n!r}")
+
+    def rule(self) -> MaskRule:
+        return MaskRule(causal=True, chunk=self.n)
 
 
 class Padding(Mask):

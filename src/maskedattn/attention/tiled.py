@@ -242,6 +242,7 @@ def _args(call: AttentionCall, blocks: tuple[int, int], keep: list[Tensor]) -> n
         block_q=block_q, block_k=block_k, n_threads=torch.get_num_threads(), scale=call.scale,
         softcap=call.softcap or 0.0, causal=int(rule.causal), window=rule.window or -1,
         prefix=-1 if rule.prefix is None else rule.prefix,
+        chunk=-1 if rule.chunk is None else rule.chunk,
     )
     # The kernel classifies the positional parts of the rule itself; documents and dense masks
     # are classified here.
