@@ -1,5 +1,6 @@
 """The attention operation: masks, the reference, backends and the ``attention()`` entry point."""
 
+from . import ops  # noqa: F401  (registers the torch.ops.maskedattn.* operators)
 from .api import attention, available_backends, register_backend
 from .masks import (
     Alibi,

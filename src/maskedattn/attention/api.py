@@ -163,14 +163,15 @@ def _may_hold_nan(q: Tensor, out: Tensor) -> bool:
     means no row read one. On the CPU only: on a GPU the answer would make the host wait for
     the device on every call, so there the kernels' own arithmetic decides (see the README).
     """
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or _is_batched(q):
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch():
         return False
     return bool(torch.isnan(q.sum() + out.sum()))
 
 
-def _is_batched(t: Tensor) -> bool:
-    # Under torch.vmap a tensor cannot become a Python bool; the screen steps aside there.
-    return torch._C._functorch.is_batchedtensor(t)
+def _in_functorch() -> bool:
+    # Under torch.vmap a tensor cannot become a Python bool: the screen steps aside under the
+    # torch.func transforms (and under tracing, above), where the kernels' arithmetic decides.
+    return torch._C._are_functorch_transforms_active()
 
 
 def _isolate_nans(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):

@@ -15,9 +15,10 @@ call's mask and scores as ints, floats and optional tensors. Every operator has
 
 - a fake (meta) implementation, so ``torch.compile`` and ``torch.export`` trace it without
   running it (the output shapes depend only on the input shapes);
-- registered autograd (``setup_context`` + backward calling the backward operator), so
-  ``torch.func.grad`` and compiled backward graphs work; the backward operators refuse a
-  second derivative with a clear error;
+- registered autograd (``setup_context`` + a backward calling the backward operator); the
+  public path (:func:`flash_forward`, which every backend calls) wraps the pair in an
+  ``autograd.Function`` with ``setup_context`` so ``torch.func.grad`` works too, and a second
+  derivative raises a clear error instead of returning a silent zero;
 - a ``vmap`` rule that folds the mapped dimension into the batch;
 - an autocast rule that behaves like SDPA's: under ``torch.autocast`` the floating inputs are
   cast to the autocast dtype (float64 excepted) and the output comes back in it.
@@ -121,15 +122,9 @@ def _register(prefix: str, forward_impl: Callable, backward_impl: Callable):
         dq, dk, dv = bwd(d_out, d_lse, q, k, v, out, lse, *mask)
         return dq, dk, dv, *([None] * _N)
 
-    def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"maskedattn::{prefix}_bwd has no derivative: attention supports first derivatives"
-            " only (no create_graph=True / double backward); use backend='reference' for"
-            " higher derivatives"
-        )
-
+    # The backward operator has no autograd of its own: differentiating it raises
+    # "no autograd formula was registered" (see _FirstOrderOnly for the public path).
     fwd.register_autograd(backward, setup_context=setup_context)
-    bwd.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
     fwd.register_vmap(_vmap_rule(fwd, q_at=0, n_outputs=2))
     bwd.register_vmap(_vmap_rule(bwd, q_at=2, n_outputs=3))
     for name, op in ((f"{prefix}_fwd", fwd), (f"{prefix}_bwd", bwd)):
@@ -191,7 +186,64 @@ FORWARD_OPS = {"tiled": _tiled_fwd, "triton": _triton_fwd}
 def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs
                   ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``backend``'s forward operator, differentiable through its backward."""
-    return FORWARD_OPS[backend](q, k, v, *args)
+    return _Flash.apply(backend, q, k, v, *args)
+
+
+class _Flash(torch.autograd.Function):
+    """The operators for the functorch transforms: the autograd that ``custom_op`` generates
+    has no ``setup_context``, which ``torch.func.grad`` needs. The forward and backward are the
+    operators themselves, so ``torch.compile`` and ``torch.export`` still see one opaque
+    operator each way, and ``torch.vmap`` uses their vmap rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backend, q, k, v, *mask):
+        return FORWARD_OPS[backend](q, k, v, *mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        backend, q, k, v, *mask = inputs
+        out, lse = output
+        ctx.backend, ctx.mask = backend, mask
+        ctx.save_for_backward(q, k, v, out, lse, *(mask[i] for i in _MASK_TENSORS))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        mask = list(ctx.mask)
+        for i, t in zip(_MASK_TENSORS, saved, strict=True):
+            mask[i] = t
+        if d_out is None:  # only the LSE was used
+            d_out = torch.zeros_like(out)
+        inputs = [t.detach() if t is not None else None for t in (d_out, d_lse, q, k, v)]
+        grads = flash_backward(ctx.backend, *inputs, out.detach(), lse.detach(), OpArgs(*mask))
+        if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad
+            grads = _FirstOrderOnly.apply(*grads, q, k, v, d_out)
+        return None, *grads, *([None] * _N)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the gradients through, tied to the tensors they depend on, so that
+    differentiating them again raises a clear error instead of giving a silent zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dq, dk, dv, *depends_on):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "maskedattn: attention supports first derivatives only, not double backward"
+            " (a gradient of its gradient); use backend='reference' for higher derivatives"
+        )
 
 
 def flash_backward(backend: str, d_out: Tensor, d_lse: Tensor | None, q: Tensor, k: Tensor,
