@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -15,7 +14,8 @@ from .lowering import lower_call
 from .masks import Alibi, Mask
 from .observe import notify, watched
 
-__all__ = ["attention", "available_backends", "choose_backend", "register_backend"]
+__all__ = ["AUTO_PREFERENCE", "attention", "available_backends", "choose_backend",
+           "register_backend"]
 
 
 @dataclass(frozen=True)
@@ -25,32 +25,39 @@ class _Registered:
 
 
 _BACKENDS: dict[str, _Registered] = {}
-# Preference of backend="auto" per device type: the first that can serve the call wins.
-_AUTO_ORDER: dict[str, list[str]] = {}
+_LOADED: dict[str, ModuleType] = {}  # a plain dict: torch.compile reads it without tracing imports
+
+#: ``backend="auto"``: per device type, the backends in order of preference. The first whose
+#: ``why_not(call)`` is None serves the call; the reference, last everywhere, serves every call.
+AUTO_PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["tiled", "sdpa"],  # the native kernel beats SDPA on the CPU (BENCHMARKS.md)
+    "cuda": ["triton", "sdpa"],
+}
 
 
-@functools.cache
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_BACKENDS[name].module)
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_BACKENDS[name].module)
+    return module
 
 
 def register_backend(name: str, module: str, *, auto: dict[str, int] | None = None) -> None:
     """Register a backend module (see :mod:`maskedattn.attention.backend` for the contract).
 
-    ``auto`` maps a device type to this backend's rank in ``backend="auto"`` (lower first).
+    ``auto`` maps a device type to this backend's place in :data:`AUTO_PREFERENCE` (0 first).
     """
     _BACKENDS[name] = _Registered(name, module)
-    _module.cache_clear()
+    _LOADED.pop(name, None)
     for device_type, rank in (auto or {}).items():
-        order = [n for n in _AUTO_ORDER.get(device_type, []) if n != name]
+        order = [n for n in AUTO_PREFERENCE.get(device_type, []) if n != name]
         order.insert(rank, name)
-        _AUTO_ORDER[device_type] = order
+        AUTO_PREFERENCE[device_type] = order
 
 
-register_backend("reference", "maskedattn.attention.reference", auto={"cpu": 0, "cuda": 0})
-register_backend("sdpa", "maskedattn.attention.sdpa", auto={"cpu": 0, "cuda": 0})
-register_backend("triton", "maskedattn.attention.triton", auto={"cuda": 0})
-register_backend("tiled", "maskedattn.attention.tiled", auto={"cpu": 0})
+for _name in ("reference", "sdpa", "tiled", "triton"):
+    register_backend(_name, f"maskedattn.attention.{_name}")
+    _module(_name)  # light modules (Triton itself is imported on first use): load them now
 
 
 def available_backends() -> list[str]:
@@ -69,7 +76,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> str:
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
         return backend
-    order = [*_AUTO_ORDER.get(call.device.type, []), "reference"]
+    order = [*AUTO_PREFERENCE.get(call.device.type, []), "reference"]
     for name in order:
         if _module(name).why_not(call) is None:
             return name
@@ -137,7 +144,7 @@ def attention(
             out = out.masked_fill(nan_rows[..., None], float("nan"))
             if lse is not None:
                 lse = lse.masked_fill(nan_rows, float("nan"))
-    if watched():
+    if not torch.compiler.is_compiling() and watched():  # observers run eagerly only
         notify({"q": q, "k": k, "v": v, "call": call, "backend": name, "output": out,
                 "lse": lse})
     if not return_lse:

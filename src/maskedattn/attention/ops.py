@@ -17,8 +17,9 @@ call's mask and scores as ints, floats and optional tensors. Every operator has
   running it (the output shapes depend only on the input shapes);
 - registered autograd (``setup_context`` + a backward calling the backward operator); the
   public path (:func:`flash_forward`, which every backend calls) wraps the pair in an
-  ``autograd.Function`` with ``setup_context`` so ``torch.func.grad`` works too, and a second
-  derivative raises a clear error instead of returning a silent zero;
+  ``autograd.Function`` with ``setup_context`` under the ``torch.func`` transforms, so
+  ``torch.func.grad`` works too; a second derivative raises a clear error in both, never a
+  silent zero;
 - a ``vmap`` rule that folds the mapped dimension into the batch;
 - an autocast rule that behaves like SDPA's: under ``torch.autocast`` the floating inputs are
   cast to the autocast dtype (float64 excepted) and the output comes back in it.
@@ -122,15 +123,24 @@ def _register(prefix: str, forward_impl: Callable, backward_impl: Callable):
         dq, dk, dv = bwd(d_out, d_lse, q, k, v, out, lse, *mask)
         return dq, dk, dv, *([None] * _N)
 
-    # The backward operator has no autograd of its own: differentiating it raises
-    # "no autograd formula was registered" (see _FirstOrderOnly for the public path).
     fwd.register_autograd(backward, setup_context=setup_context)
+    bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
     fwd.register_vmap(_vmap_rule(fwd, q_at=0, n_outputs=2))
     bwd.register_vmap(_vmap_rule(bwd, q_at=2, n_outputs=3))
     for name, op in ((f"{prefix}_fwd", fwd), (f"{prefix}_bwd", bwd)):
         for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
             _LIB.impl(name, _autocast_kernel(op, device_type), key)
     return fwd, bwd
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(_FIRST_ORDER_ONLY)
+
+
+_FIRST_ORDER_ONLY = (
+    "maskedattn: attention supports first derivatives only, not double backward (a gradient"
+    " of its gradient); use backend='reference' for higher derivatives"
+)
 
 
 def _autocast_kernel(op, device_type: str) -> Callable:
@@ -186,11 +196,13 @@ FORWARD_OPS = {"tiled": _tiled_fwd, "triton": _triton_fwd}
 def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs
                   ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``backend``'s forward operator, differentiable through its backward."""
-    return _Flash.apply(backend, q, k, v, *args)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _Flash.apply(backend, q, k, v, *args)
+    return FORWARD_OPS[backend](q, k, v, *args)
 
 
 class _Flash(torch.autograd.Function):
-    """The operators for the functorch transforms: the autograd that ``custom_op`` generates
+    """The operators under the functorch transforms: the autograd that ``custom_op`` generates
     has no ``setup_context``, which ``torch.func.grad`` needs. The forward and backward are the
     operators themselves, so ``torch.compile`` and ``torch.export`` still see one opaque
     operator each way, and ``torch.vmap`` uses their vmap rules."""
@@ -240,10 +252,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            "maskedattn: attention supports first derivatives only, not double backward"
-            " (a gradient of its gradient); use backend='reference' for higher derivatives"
-        )
+        raise RuntimeError(_FIRST_ORDER_ONLY)
 
 
 def flash_backward(backend: str, d_out: Tensor, d_lse: Tensor | None, q: Tensor, k: Tensor,

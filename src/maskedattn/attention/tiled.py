@@ -62,7 +62,9 @@ def why_not(call: AttentionCall) -> str | None:
         return f"it computes float32, bfloat16 and float16, got {call.dtype}"
     if isinstance(call.bias, Tensor) and call.bias.requires_grad:
         return "it does not compute gradients for a bias tensor"
-    if _native_unbuildable() and sdpa.why_not(call) is None:
+    # (A preference only, and the build is not traced: compiled graphs leave it to the operator,
+    # which runs the pure-torch twin where the kernel is missing.)
+    if not torch.compiler.is_compiling() and _native_unbuildable() and sdpa.why_not(call) is None:
         return ("its native kernel cannot be built here, and its pure-torch path is slower"
                 " than sdpa for this call; set MASKEDATTN_NATIVE=0 to use that path anyway")
     return None
@@ -75,9 +77,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, T
     return out, (lse if call.return_lse else None)
 
 
-@torch.compiler.assume_constant_result
 def _native_unbuildable() -> bool:
-    # A constant to torch.compile: building the kernel (files, a compiler) is not traced.
     return native.requested_variant() is not None and native.kernel() is None
 
 
