@@ -22,6 +22,7 @@ from .attention import (
     attention_steps,
     available_backends,
     reference_attention,
+    scaled_dot_product_attention,
 )
 from .generate import generate
 from .model import GPT, GPTConfig
@@ -48,4 +49,5 @@ __all__ = [
     "available_backends",
     "generate",
     "reference_attention",
+    "scaled_dot_product_attention",
 ]

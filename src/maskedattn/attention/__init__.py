@@ -2,6 +2,7 @@
 
 from . import ops  # noqa: F401  (registers the torch.ops.maskedattn.* operators)
 from .api import attention, available_backends, register_backend
+from .dropin import scaled_dot_product_attention
 from .masks import (
     Alibi,
     Causal,
@@ -36,4 +37,5 @@ __all__ = [
     "available_backends",
     "reference_attention",
     "register_backend",
+    "scaled_dot_product_attention",
 ]
