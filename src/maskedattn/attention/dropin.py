@@ -120,8 +120,9 @@ def _recognise(attn_mask: Tensor, full: Tensor, lead: tuple[int, ...], tq: int, 
     dense = MaskRule(dense=full)
     if torch.compiler.is_compiling():
         return dense
+    tril = _top_left_causal(tq, tk, full.device)[0, 0]
     if (tq == tk and attn_mask.shape[-2:] == (tq, tk) and attn_mask.shape[:-2].numel() == 1
-            and torch.equal(attn_mask.reshape(tq, tk), _top_left_causal(tq, tk, full.device)[0, 0])):
+            and torch.equal(attn_mask.reshape(tq, tk), tril)):
         return Causal()
     if attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1):
         rows = full[:, 0, 0, :]  # (B, S): the keys each batch row sees
