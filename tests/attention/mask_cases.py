@@ -70,6 +70,8 @@ SCORES: dict[str, Make] = {
     "alibi": lambda b, hq, tq, tk: {"mask": Causal(), "bias": Alibi(Alibi.default_slopes(hq))},
     "bias": lambda b, hq, tq, tk: {
         "mask": Causal(), "bias": torch.randn(1, hq, tq, tk, generator=_gen(tq, tk))},
+    "bias_rows": lambda b, hq, tq, tk: {  # one row per head, broadcast over the queries
+        "mask": Causal(), "bias": torch.randn(hq, 1, tk, generator=_gen(tq, tk))},
     "softcap": lambda b, hq, tq, tk: {"mask": Causal(), "softcap": 3.0},
     "softcap&alibi&window": lambda b, hq, tq, tk: {
         "mask": SlidingWindow(30), "softcap": 5.0, "bias": Alibi(Alibi.default_slopes(hq))},

@@ -139,3 +139,15 @@ def test_mixed_dtypes_outside_autocast_still_raise_like_sdpa():
     q, k, v = random_qkv(1, 2, 2, 4, 4, 8)
     with pytest.raises(TypeError, match="share one dtype"):
         ma.attention(q, k.bfloat16(), v)
+
+
+def test_jit_trace_records_the_operator():
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return ma.attention(q, k, v, ma.Causal())
+
+    q, k, v, _, _ = _inputs("causal", grad=False)
+    with pytest.warns(torch.jit.TracerWarning):  # the scale and sizes become constants
+        traced = torch.jit.trace(Causal(), (q, k, v))
+    assert "maskedattn::tiled_fwd" in str(traced.graph)
+    torch.testing.assert_close(traced(q, k, v), Causal()(q, k, v))
