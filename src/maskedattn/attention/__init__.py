@@ -3,6 +3,7 @@
 from . import ops  # noqa: F401  (registers the torch.ops.maskedattn.* operators)
 from .api import attention, available_backends, register_backend
 from .dropin import scaled_dot_product_attention
+from .lowering import lower_call
 from .masks import (
     Alibi,
     Causal,
@@ -35,6 +36,7 @@ __all__ = [
     "attention",
     "attention_steps",
     "available_backends",
+    "lower_call",
     "reference_attention",
     "register_backend",
     "scaled_dot_product_attention",

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from .lowering import OP_FIELDS, OpArgs, call_from_op_args, op_schema
 
@@ -196,9 +197,24 @@ FORWARD_OPS = {"tiled": _tiled_fwd, "triton": _triton_fwd}
 def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs
                   ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``backend``'s forward operator, differentiable through its backward."""
+    if backend == "tiled" and _plain_inference(q, k, v, *args):
+        # Eager CPU inference (decoding calls this once per layer and token): the operator's
+        # own implementation, without the dispatcher's tens of microseconds around it.
+        return _tiled_forward(q, k, v, *args)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return _Flash.apply(backend, q, k, v, *args)
     return FORWARD_OPS[backend](q, k, v, *args)
+
+
+def _plain_inference(*args) -> bool:
+    """No gradient, no tracing, no transform, mode or subclass that must see the operator."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active() or _dispatch_mode() is not None
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(a) is Tensor and not (grad and a.requires_grad)
+               for a in args if isinstance(a, Tensor))
 
 
 class _Flash(torch.autograd.Function):
