@@ -236,13 +236,14 @@ def _args(call: AttentionCall, blocks: tuple[int, int], keep: list[Tensor]) -> n
     pointers the arguments hold are appended to ``keep``, which the caller keeps alive."""
     block_q, block_k = blocks
     rule = call.rule
+    # The scalar fields of the lowering (causal, window, prefix, chunk, softcap, scale) by name;
+    # the tensors below, each as the kernel reads it.
+    scalars = {name: value for name, value in op_args(call)._asdict().items()
+               if not isinstance(value, Tensor) and value is not None}
     a = native.AttnArgs(
         batch=call.batch, q_heads=call.q_heads, kv_heads=call.kv_heads, q_len=call.q_len,
         k_len=call.k_len, head_dim=call.head_dim, dtype=_DTYPE_CODES[call.dtype],
-        block_q=block_q, block_k=block_k, n_threads=torch.get_num_threads(), scale=call.scale,
-        softcap=call.softcap or 0.0, causal=int(rule.causal), window=rule.window or -1,
-        prefix=-1 if rule.prefix is None else rule.prefix,
-        chunk=-1 if rule.chunk is None else rule.chunk,
+        block_q=block_q, block_k=block_k, n_threads=torch.get_num_threads(), **scalars,
     )
     # The kernel classifies the positional parts of the rule itself; documents and dense masks
     # are classified here.
