@@ -102,7 +102,8 @@ def _scores(qk, q_pos, k_pos, q_row, q_ok, k_ok, b, head, scale2, softcap2,
 @triton.jit
 def _visible(q_pos, k_pos, q_ok, k_ok, b, prefix, window, Lengths, DocIds, sdb,
              CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Elementwise visibility of a tile (see :class:`MaskRule`); tails are invisible."""
+    """Elementwise visibility of a tile, mirroring :meth:`MaskRule.block` (ChunkedCausal
+    arrives as document ids, see :func:`_score_args`); tails are invisible."""
     ok = q_ok & k_ok
     if CAUSAL:  # with PrefixLM(n): k <= q or k < n; plain causal has n = 0
         ok = ok & ((k_pos <= q_pos) | (k_pos < prefix))
@@ -121,7 +122,8 @@ def _key_range(q_first, q_last, q_pos, q_ok, b, Tk, prefix, window, Lengths, Doc
                DocLast, sdb, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                HAS_DOCS: tl.constexpr):
     """Keys [lo, hi) that some query at positions q_first..q_last may see, and the keys
-    [full_lo, full_hi) that every one of them sees (all positions in key coordinates)."""
+    [full_lo, full_hi) that every one of them sees (all positions in key coordinates): the
+    interval formulas of :meth:`MaskRule.classify`, solved for a range of key tiles."""
     lo = tl.maximum(q_first - window + 1, 0)
     full_lo = tl.maximum(q_last - window + 1, 0)
     hi = Tk + 0 * q_first
