@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import Causal, DenseMask, Documents, MaskRule, Padding
+from ..attention import Causal, DenseMask, Documents, Padding
 from ..attention.kv_cache import KVCache
 from .config import GPTConfig
 from .layers import Block, Linear, Positions, make_norm, rope_tables
@@ -136,8 +136,7 @@ class GPT(nn.Module):
                 # the whole static cache, masked to each row's length: one graph for every step.
                 n_keys = limit
                 keys = torch.arange(limit, device=device)
-                mask = (MaskRule(lengths=ends) if t == 1
-                        else MaskRule(dense=keys <= index[:, None, :, None]))
+                mask = Padding(ends) if t == 1 else DenseMask(keys <= index[:, None, :, None])
             else:
                 n_keys = int(ends.max())
                 if n_keys > limit:
