@@ -48,7 +48,7 @@ def sdpa_calls(draw):
     return q, k, v, dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sdpa_calls())
 def test_matches_torch_sdpa(call):
     q, k, v, kwargs = call

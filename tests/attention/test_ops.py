@@ -18,11 +18,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# opcheck runs each op a dozen times: three cases by default, small sizes; the rest are slow.
+# opcheck runs each op a dozen times: two cases by default, small sizes; the rest are slow.
 _SLOW = pytest.mark.slow
-OPCHECK_CASES = ["none", "chunked&padding", "bias",
+OPCHECK_CASES = ["none", "chunked&padding",
                  *(pytest.param(n, marks=_SLOW) for n in ("causal", "documents&causal", "dense",
-                                                           "alibi", "softcap"))]
+                                                           "alibi", "bias", "softcap"))]
 
 
 def _inputs(name: str, b=2, hq=4, hkv=2, tq=7, tk=19, d=8, grad=True):
