@@ -10,6 +10,7 @@ from .attention import (
     Alibi,
     AttentionTrace,
     Causal,
+    ChunkedCausal,
     DenseMask,
     Documents,
     Mask,
@@ -21,6 +22,7 @@ from .attention import (
     attention_steps,
     available_backends,
     reference_attention,
+    scaled_dot_product_attention,
 )
 from .generate import generate
 from .model import GPT, GPTConfig
@@ -32,6 +34,7 @@ __all__ = [
     "Alibi",
     "AttentionTrace",
     "Causal",
+    "ChunkedCausal",
     "DenseMask",
     "Documents",
     "GPTConfig",
@@ -46,4 +49,5 @@ __all__ = [
     "available_backends",
     "generate",
     "reference_attention",
+    "scaled_dot_product_attention",
 ]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from maskedattn.attention.masks import (
     Alibi,
     Causal,
+    ChunkedCausal,
     DenseMask,
     Documents,
     Mask,
@@ -51,6 +52,16 @@ CASES = [
         x x . .
         x x x .
         x x x x"""),
+    # Chunks of 2: causal inside [0, 1], [2, 3], [4]; decoding rows align to the end.
+    (ChunkedCausal(2), 5, 5, """
+        x . . . .
+        x x . . .
+        . . x . .
+        . . x x .
+        . . . . x"""),
+    (ChunkedCausal(3), 2, 5, """
+        . . . x .
+        . . . x x"""),
     (PrefixLM(0), 3, 3, """
         x . .
         x x .
@@ -124,6 +135,9 @@ def test_combining_is_intersection() -> None:
         (lambda: SlidingWindow(0), ValueError, "w must be an integer >= 1"),
         (lambda: SlidingWindow(2.5), ValueError, "w must be an integer"),
         (lambda: PrefixLM(-1), ValueError, "n must be an integer >= 0"),
+        (lambda: ChunkedCausal(0), ValueError, "n must be an integer >= 1"),
+        (lambda: (ChunkedCausal(2) & ChunkedCausal(3)).rule(), ValueError,
+         "chunks of 2 and 3 positions cannot be combined"),
         (lambda: Padding([3, -1]), ValueError, "lengths must be >= 0"),
         (lambda: Padding([[1, 2]]), ValueError, "shape (B,)"),
         (lambda: Padding([1.5]), TypeError, "must hold integers"),
@@ -165,15 +179,19 @@ def masks_and_sizes(draw):
     tk = draw(st.integers(1, 40))
     tq = draw(st.integers(1, tk))
     b = draw(st.integers(1, 3))
+    chunk = draw(st.integers(1, tk + 2))
     parts: list[Mask] = []
     for kind in draw(st.lists(st.sampled_from(
-            ["causal", "window", "prefix", "padding", "documents", "dense"]), max_size=3)):
+            ["causal", "window", "prefix", "chunked", "padding", "documents", "dense"]),
+            max_size=3)):
         if kind == "causal":
             parts.append(Causal())
         elif kind == "window":
             parts.append(SlidingWindow(draw(st.integers(1, tk + 2))))
         elif kind == "prefix":
             parts.append(PrefixLM(draw(st.integers(0, tk + 2))))
+        elif kind == "chunked":
+            parts.append(ChunkedCausal(chunk))  # one size per mask: sizes do not combine
         elif kind == "padding":
             parts.append(Padding(draw(st.lists(st.integers(0, tk + 2), min_size=b, max_size=b))))
         elif kind == "documents":

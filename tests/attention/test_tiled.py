@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 
 import maskedattn as ma
 from maskedattn.attention import (
-    Alibi,
     Causal,
-    DenseMask,
     Documents,
     Padding,
     PrefixLM,
@@ -24,7 +22,8 @@ from maskedattn.attention import (
     native,
     tiled,
 )
-from maskedattn.attention.api import _validate
+from maskedattn.attention.lowering import lower_call
+from tests.attention.mask_cases import MASK_CASES, doc_ids
 from tests.helpers import ERROR_FLOOR, assert_close_to_reference, random_qkv, relative_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -42,40 +41,10 @@ def path(request, monkeypatch) -> str:
     return request.param
 
 
-def _docs(b: int, t: int, seed: int) -> torch.Tensor:
-    """Sorted document ids: a few packed documents of random lengths per batch row."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 4, (b, t), generator=g).sort(dim=1).values
-
-
-def _masks(b: int, hq: int, tq: int, tk: int) -> dict[str, dict]:
-    """Every mask of masks.py, some combinations, and the score options, as attention kwargs."""
-    g = torch.Generator().manual_seed(tq * 1000 + tk)
-    dense = torch.rand(b, 1, tq, tk, generator=g) > 0.3
-    lengths = [max(1, tk - 7 * i) for i in range(b)]
-    return {
-        "none": {},
-        "causal": {"mask": Causal()},
-        "window": {"mask": SlidingWindow(17)},
-        "prefix": {"mask": PrefixLM(min(tk, 23))},
-        "padding": {"mask": Padding(lengths)},
-        "documents": {"mask": Documents(_docs(b, tk, tk))},
-        "documents&causal": {"mask": Documents(_docs(b, tk, tk + 1)) & Causal()},
-        "dense": {"mask": dense},
-        "dense&window&padding": {"mask": DenseMask(dense) & SlidingWindow(40) & Padding(lengths)},
-        "alibi": {"mask": Causal(), "bias": Alibi(Alibi.default_slopes(hq))},
-        "bias": {"mask": Causal(), "bias": torch.randn(1, hq, tq, tk, generator=g)},
-        "softcap": {"mask": Causal(), "softcap": 3.0},
-        "softcap&alibi&window": {"mask": SlidingWindow(30), "softcap": 5.0,
-                                 "bias": Alibi(Alibi.default_slopes(hq))},
-        "scale": {"mask": Causal(), "scale": 0.3},
-    }
-
-
-@pytest.mark.parametrize("name", list(_masks(1, 1, 1, 1)))
+@pytest.mark.parametrize("name", list(MASK_CASES))
 def test_every_mask_matches_reference(path, name):
     b, hq, hkv, tq, tk, d = 2, 4, 2, 97, 113, 59
-    kwargs = _masks(b, hq, tq, tk)[name]
+    kwargs = MASK_CASES[name](b, hq, tq, tk)
     q, k, v = random_qkv(b, hq, hkv, tq, tk, d)
     assert_close_to_reference("tiled", q, k, v, lse=True, **kwargs)
 
@@ -107,12 +76,12 @@ def test_long_sequence_matches_reference(dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(_masks(1, 1, 1, 1)))
+@pytest.mark.parametrize("name", list(MASK_CASES))
 @pytest.mark.parametrize(("tq", "tk", "d"), [(1025, 1025, 64), (97, 1025, 128), (257, 257, 59)])
 def test_wide_matrix_matches_reference(path, dtype, name, tq, tk, d):
     b, hq, hkv = 2, 4, 2
     q, k, v = random_qkv(b, hq, hkv, tq, tk, d, dtype=dtype)
-    assert_close_to_reference("tiled", q, k, v, lse=True, **_masks(b, hq, tq, tk)[name])
+    assert_close_to_reference("tiled", q, k, v, lse=True, **MASK_CASES[name](b, hq, tq, tk))
 
 
 def _grads(backend: str, q, k, v, do, **kwargs):
@@ -197,8 +166,7 @@ def test_tile_sizes_match_reference(blocks):
     on both paths (called directly, with the tile size as an argument)."""
     q, k, v = random_qkv(1, 2, 1, 70, 90, 16)
     do = torch.randn(q.shape)
-    call = _validate(q, k, v, SlidingWindow(20) & Documents(_docs(1, 90, 0)), None, None, None,
-                     True)
+    call = lower_call(q, k, v, SlidingWindow(20) & Documents(doc_ids(1, 90, 0)), return_lse=True)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = ma.reference_attention(*leaves, call.rule, return_lse=True)
     ref_out.backward(do.double())
@@ -239,7 +207,7 @@ def _check_random_call(b, hkv, group, tq, tk, d, kind, window, seed):
     mask = {
         "none": None, "causal": Causal(), "window": SlidingWindow(window),
         "prefix": PrefixLM(window), "padding": Padding(torch.randint(0, tk + 1, (b,), generator=g)),
-        "documents": Documents(_docs(b, tk, seed)),
+        "documents": Documents(doc_ids(b, tk, seed)),
         "dense": torch.rand(b, 1, tq, tk, generator=g) > 0.5,
     }[kind]
     assert_close_to_reference("tiled", q, k, v, mask=mask, lse=True)
@@ -250,7 +218,7 @@ def _check_random_call(b, hkv, group, tq, tk, d, kind, window, seed):
 
 def _call(**changes):
     q, k, v = random_qkv(1, 1, 1, 4, 4, 8)
-    return replace(_validate(q, k, v, None, None, None, None, False), **changes)
+    return replace(lower_call(q, k, v, None), **changes)
 
 
 def test_declines_other_devices_and_dtypes():
@@ -271,7 +239,7 @@ def test_auto_picks_tiled_on_cpu():
     if native.kernel() is None:
         pytest.skip("without its native kernel tiled leaves these calls to sdpa")
     q, k, v = random_qkv(1, 2, 2, 256, 256, 64)
-    call = _validate(q, k, v, Causal(), None, None, None, False)
+    call = lower_call(q, k, v, Causal())
     assert choose_backend(call) == "tiled"
 
 
@@ -300,7 +268,7 @@ def test_memory_is_linear_in_t(path):
     T x T score matrix would take 256 or 64 MiB; the tiles take a few MiB."""
     t = 8192 if path == "native" else 4096
     q, k, v = random_qkv(1, 1, 1, t, t, 16)
-    call = _validate(q, k, v, Causal(), None, None, None, False)
+    call = lower_call(q, k, v, Causal())
     kernel = native.kernel()
 
     def run():

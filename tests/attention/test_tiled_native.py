@@ -12,7 +12,8 @@ import torch
 
 import maskedattn as ma
 from maskedattn.attention import Causal, native
-from maskedattn.attention.api import _validate, choose_backend
+from maskedattn.attention.api import choose_backend
+from maskedattn.attention.lowering import lower_call
 from tests.helpers import assert_close_to_reference, random_qkv
 
 
@@ -62,12 +63,12 @@ def test_without_a_compiler_sdpa_serves_what_it_can(fresh_cache, monkeypatch):
         warnings.simplefilter("error")  # no second warning
         assert native.kernel() is None
         # SDPA serves plain calls: auto takes it, and tiled says how to force its torch path
-        call = _validate(q, k, v, Causal(), None, None, None, False)
+        call = lower_call(q, k, v, Causal())
         assert choose_backend(call) == "sdpa"
         with pytest.raises(ValueError, match="MASKEDATTN_NATIVE=0"):
             ma.attention(q, k, v, Causal(), backend="tiled")
         # what SDPA cannot do (softcap, the LSE) tiled does in torch, in O(T) memory
-        call = _validate(q, k, v, Causal(), None, 30.0, None, False)
+        call = lower_call(q, k, v, Causal(), softcap=30.0)
         assert choose_backend(call) == "tiled"
         assert_close_to_reference("tiled", q, k, v, mask=Causal(), softcap=30.0)
         monkeypatch.setenv("MASKEDATTN_NATIVE", "0")

@@ -18,15 +18,13 @@ from hypothesis import strategies as st
 
 import maskedattn as ma
 from maskedattn.attention import (
-    Alibi,
     Causal,
     DenseMask,
-    Documents,
     Padding,
-    PrefixLM,
     SlidingWindow,
 )
 from maskedattn.attention.api import choose_backend
+from tests.attention.mask_cases import MASKS, SCORES
 from tests.helpers import assert_close_to_reference, random_qkv, relative_error
 
 CUDA = torch.cuda.is_available()
@@ -86,57 +84,32 @@ def qkv(b=2, hq=2, hkv=1, tq=97, tk=97, d=16, dtype=torch.float32):
     return random_qkv(b, hq, hkv, tq, tk, d, dtype=dtype, device=DEVICE)
 
 
-def _doc_ids(b: int, tk: int, seed: int = 0) -> torch.Tensor:
-    """Packed documents of random lengths, different in each batch row."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max(2, tk // 3), (b, tk), generator=g)
-    return torch.stack([torch.repeat_interleave(torch.arange(tk), row)[:tk] for row in lengths])
+# Combinations whose parts have cases of their own: the interpreter is slow, so only with -m slow.
+_SLOW_IN_INTERPRETER = {"chunked&padding", "dense&window&padding"}
 
 
-# Every mask, built for a call of (B, Tq, Tk).
-MASKS = {
-    "none": lambda b, tq, tk: None,
-    "causal": lambda b, tq, tk: Causal(),
-    "window": lambda b, tq, tk: SlidingWindow(19),
-    "prefix": lambda b, tq, tk: PrefixLM(tk // 3),
-    "padding": lambda b, tq, tk: Padding(torch.randint(1, tk + 1, (b,))),
-    "causal_padding": lambda b, tq, tk: Causal() & Padding(torch.randint(1, tk + 1, (b,))),
-    "documents": lambda b, tq, tk: Documents(_doc_ids(b, tk)),
-    "causal_documents": lambda b, tq, tk: Causal() & Documents(_doc_ids(b, tk, seed=1)),
-    "window_documents": lambda b, tq, tk: SlidingWindow(9) & Documents(_doc_ids(1, tk)),
-    "dense": lambda b, tq, tk: DenseMask(torch.rand(b, 1, tq, tk) > 0.4),
-}
+def _on_device(kwargs: dict) -> dict:
+    """A MASK_CASES entry with its bias tensor on the test device (masks move themselves)."""
+    bias = kwargs.get("bias")
+    return {**kwargs, "bias": bias.to(DEVICE)} if isinstance(bias, torch.Tensor) else kwargs
 
 
 @needs_triton
 @pytest.mark.parametrize("tq,tk", [(97, 97), (17, 97), (5, 97)], ids=["self", "tq<tk", "decode"])
-@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("mask", [
+    pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_IN_INTERPRETER and not CUDA else m
+    for m in MASKS])
 def test_every_mask(mask, tq, tk):
     q, k, v = qkv(tq=tq, tk=tk)
-    check(q, k, v, mask=MASKS[mask](2, tq, tk))
-
-
-SCORES = {
-    "softcap": dict(softcap=2.0),
-    "alibi": dict(bias=Alibi(Alibi.default_slopes(2))),
-    "bias": dict(bias=torch.randn(2, 2, 97, 97)),
-    "bias_heads": dict(bias=torch.randn(2, 1, 97)),
-    "softcap_alibi_window": dict(softcap=1.5, bias=Alibi(Alibi.default_slopes(2)),
-                                 mask=SlidingWindow(23)),
-    "scale": dict(scale=0.7, mask=Causal()),
-}
+    check(q, k, v, **_on_device(MASKS[mask](2, 2, tq, tk)))
 
 
 @needs_triton
 @pytest.mark.parametrize("tq", [97, 3])
 @pytest.mark.parametrize("case", list(SCORES))
 def test_scores(case, tq):
-    kwargs = dict(SCORES[case], mask=SCORES[case].get("mask", Causal()))
-    bias = kwargs.get("bias")
-    if isinstance(bias, torch.Tensor):  # keep the rows of the last tq queries
-        kwargs["bias"] = bias[..., -tq:, :].to(DEVICE)
     q, k, v = qkv(tq=tq, tk=97)
-    check(q, k, v, **kwargs)
+    check(q, k, v, **_on_device(SCORES[case](2, 2, tq, 97)))
 
 
 @needs_triton
@@ -242,9 +215,9 @@ def _call(dtype=torch.float32, d=16, bias=None, device=DEVICE):
     q, k, v = random_qkv(1, 2, 2, 8, 8, d, dtype=dtype, device=device)
     if bias is not None:
         q.requires_grad_()
-    from maskedattn.attention.api import _validate
+    from maskedattn.attention.lowering import lower_call
 
-    return _validate(q, k, v, None, bias, None, None, False)
+    return lower_call(q, k, v, bias=bias)
 
 
 @needs_triton
@@ -326,4 +299,4 @@ def test_wide_matrix(dtype, mask, d, t, request):
         pytest.skip("Triton's interpreter multiplies bfloat16 tiles as raw integers")
     for tq in sorted({t, max(1, t // 4)}):
         q, k, v = qkv(b=2, hq=4, hkv=2, tq=tq, tk=t, d=d, dtype=dtype)
-        check(q, k, v, mask=MASKS[mask](2, tq, t))
+        check(q, k, v, **_on_device(MASKS[mask](2, 4, tq, t)))

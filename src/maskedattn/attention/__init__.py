@@ -1,9 +1,13 @@
 """The attention operation: masks, the reference, backends and the ``attention()`` entry point."""
 
+from . import ops  # noqa: F401  (registers the torch.ops.maskedattn.* operators)
 from .api import attention, available_backends, register_backend
+from .dropin import scaled_dot_product_attention
+from .lowering import lower_call
 from .masks import (
     Alibi,
     Causal,
+    ChunkedCausal,
     DenseMask,
     Documents,
     Mask,
@@ -19,6 +23,7 @@ __all__ = [
     "Alibi",
     "AttentionTrace",
     "Causal",
+    "ChunkedCausal",
     "DenseMask",
     "Documents",
     "Mask",
@@ -31,6 +36,8 @@ __all__ = [
     "attention",
     "attention_steps",
     "available_backends",
+    "lower_call",
     "reference_attention",
     "register_backend",
+    "scaled_dot_product_attention",
 ]

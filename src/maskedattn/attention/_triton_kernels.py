@@ -1,4 +1,4 @@
-"""Flash attention in Triton: the kernels, their launchers and the ``autograd.Function``.
+"""Flash attention in Triton: the kernels and their launchers (see :mod:`.ops` for the operators).
 
 Imported lazily by :mod:`maskedattn.attention.triton` (it needs ``triton``). The algorithm is
 FlashAttention-2's, in base 2:
@@ -102,7 +102,8 @@ def _scores(qk, q_pos, k_pos, q_row, q_ok, k_ok, b, head, scale2, softcap2,
 @triton.jit
 def _visible(q_pos, k_pos, q_ok, k_ok, b, prefix, window, Lengths, DocIds, sdb,
              CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Elementwise visibility of a tile (see :class:`MaskRule`); tails are invisible."""
+    """Elementwise visibility of a tile, mirroring :meth:`MaskRule.block` (ChunkedCausal
+    arrives as document ids, see :func:`_score_args`); tails are invisible."""
     ok = q_ok & k_ok
     if CAUSAL:  # with PrefixLM(n): k <= q or k < n; plain causal has n = 0
         ok = ok & ((k_pos <= q_pos) | (k_pos < prefix))
@@ -121,7 +122,8 @@ def _key_range(q_first, q_last, q_pos, q_ok, b, Tk, prefix, window, Lengths, Doc
                DocLast, sdb, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                HAS_DOCS: tl.constexpr):
     """Keys [lo, hi) that some query at positions q_first..q_last may see, and the keys
-    [full_lo, full_hi) that every one of them sees (all positions in key coordinates)."""
+    [full_lo, full_hi) that every one of them sees (all positions in key coordinates): the
+    interval formulas of :meth:`MaskRule.classify`, solved for a range of key tiles."""
     lo = tl.maximum(q_first - window + 1, 0)
     full_lo = tl.maximum(q_last - window + 1, 0)
     hi = Tk + 0 * q_first
@@ -683,8 +685,14 @@ def _score_args(call: AttentionCall) -> _Scores:
     lengths = doc_ids = doc_first = doc_last = slopes = bias = None
     if rule.lengths is not None:
         lengths = rule.lengths.expand(b).to(torch.int32).contiguous()
-    if rule.documents is not None:
-        doc_ids, doc_first, doc_last = _document_bounds(rule.documents)
+    documents = rule.documents
+    if rule.chunk is not None:
+        # ChunkedCausal(n) is "same chunk" (k // n == q // n): a document per chunk, so the
+        # kernels' document rule (same id) and its tile ranges (first/last position) serve it.
+        chunks = (torch.arange(tk, device=device) // rule.chunk)[None]
+        documents = chunks if documents is None else _pair_ids(documents, chunks)
+    if documents is not None:
+        doc_ids, doc_first, doc_last = _document_bounds(documents)
     if isinstance(call.bias, Alibi):
         slopes = call.bias.slopes.contiguous()
     elif call.bias is not None:
@@ -810,26 +818,12 @@ def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Output and LSE of attention; the backward recomputes probabilities from the LSE."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sc: _Scores) -> tuple[Tensor, Tensor]:
-        o, lse = _forward(q, k, v, sc)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scores = sc
-        ctx.set_materialize_grads(False)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do: Tensor | None, dlse: Tensor | None):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:  # only the LSE was used
-            do = torch.zeros_like(o)
-        dq, dk, dv = _backward(do, dlse, q, k, v, o, lse, ctx.scores)
-        return dq, dk, dv, None
+def forward(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Tq, D) and LSE (B, Hq, Tq) for a validated call (``triton_fwd``)."""
+    return _forward(q, k, v, _score_args(call))
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """Attention output (B, Hq, Tq, D) and LSE (B, Hq, Tq) for a validated call."""
-    return FlashAttention.apply(q, k, v, _score_args(call))
+def backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+             lse: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), the probabilities recomputed from the LSE (``triton_bwd``)."""
+    return _backward(do, dlse, q, k, v, o, lse, _score_args(call))

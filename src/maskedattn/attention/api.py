@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
-import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -12,10 +10,12 @@ import torch
 from torch import Tensor
 
 from .backend import AttentionCall
-from .masks import Alibi, Mask, as_rule
+from .lowering import lower_call
+from .masks import Alibi, Mask
 from .observe import notify, watched
 
-__all__ = ["attention", "available_backends", "choose_backend", "register_backend"]
+__all__ = ["AUTO_PREFERENCE", "attention", "available_backends", "choose_backend",
+           "register_backend"]
 
 
 @dataclass(frozen=True)
@@ -25,32 +25,39 @@ class _Registered:
 
 
 _BACKENDS: dict[str, _Registered] = {}
-# Preference of backend="auto" per device type: the first that can serve the call wins.
-_AUTO_ORDER: dict[str, list[str]] = {}
+_LOADED: dict[str, ModuleType] = {}  # a plain dict: torch.compile reads it without tracing imports
+
+#: ``backend="auto"``: per device type, the backends in order of preference. The first whose
+#: ``why_not(call)`` is None serves the call; the reference, last everywhere, serves every call.
+AUTO_PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["tiled", "sdpa"],  # the native kernel beats SDPA on the CPU (BENCHMARKS.md)
+    "cuda": ["triton", "sdpa"],
+}
 
 
-@functools.cache
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_BACKENDS[name].module)
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_BACKENDS[name].module)
+    return module
 
 
 def register_backend(name: str, module: str, *, auto: dict[str, int] | None = None) -> None:
     """Register a backend module (see :mod:`maskedattn.attention.backend` for the contract).
 
-    ``auto`` maps a device type to this backend's rank in ``backend="auto"`` (lower first).
+    ``auto`` maps a device type to this backend's place in :data:`AUTO_PREFERENCE` (0 first).
     """
     _BACKENDS[name] = _Registered(name, module)
-    _module.cache_clear()
+    _LOADED.pop(name, None)
     for device_type, rank in (auto or {}).items():
-        order = [n for n in _AUTO_ORDER.get(device_type, []) if n != name]
+        order = [n for n in AUTO_PREFERENCE.get(device_type, []) if n != name]
         order.insert(rank, name)
-        _AUTO_ORDER[device_type] = order
+        AUTO_PREFERENCE[device_type] = order
 
 
-register_backend("reference", "maskedattn.attention.reference", auto={"cpu": 0, "cuda": 0})
-register_backend("sdpa", "maskedattn.attention.sdpa", auto={"cpu": 0, "cuda": 0})
-register_backend("triton", "maskedattn.attention.triton", auto={"cuda": 0})
-register_backend("tiled", "maskedattn.attention.tiled", auto={"cpu": 0})
+for _name in ("reference", "sdpa", "tiled", "triton"):
+    register_backend(_name, f"maskedattn.attention.{_name}")
+    _module(_name)  # light modules (Triton itself is imported on first use): load them now
 
 
 def available_backends() -> list[str]:
@@ -69,7 +76,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> str:
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
         return backend
-    order = [*_AUTO_ORDER.get(call.device.type, []), "reference"]
+    order = [*AUTO_PREFERENCE.get(call.device.type, []), "reference"]
     for name in order:
         if _module(name).why_not(call) is None:
             return name
@@ -121,7 +128,10 @@ def attention(
     Returns:
         the output (B, Hq, Tq, D) in the inputs' dtype, and the LSE if ``return_lse``.
     """
-    call = _validate(q, k, v, mask, bias, softcap, scale, return_lse)
+    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
+        q, k, v, bias = _autocast(q.device.type, q, k, v, bias)
+    call = lower_call(q, k, v, mask, bias=bias, softcap=softcap, scale=scale,
+                      return_lse=return_lse)
     name = choose_backend(call, backend)
     run = _module(name).run
     out, lse = run(q, k, v, call)
@@ -134,13 +144,21 @@ def attention(
             out = out.masked_fill(nan_rows[..., None], float("nan"))
             if lse is not None:
                 lse = lse.masked_fill(nan_rows, float("nan"))
-    if watched():
+    if not torch.compiler.is_compiling() and watched():  # observers run eagerly only
         notify({"q": q, "k": k, "v": v, "call": call, "backend": name, "output": out,
                 "lse": lse})
     if not return_lse:
         return out
     lse_dtype = torch.float64 if call.dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
+
+
+def _autocast(device_type: str, *tensors):
+    """As autocast treats SDPA: floating tensors but float64 in the autocast dtype, so the
+    output comes back in it (mixed input dtypes are cast rather than refused)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64 else t for t in tensors]
 
 
 def _may_hold_nan(q: Tensor, out: Tensor) -> bool:
@@ -152,9 +170,15 @@ def _may_hold_nan(q: Tensor, out: Tensor) -> bool:
     means no row read one. On the CPU only: on a GPU the answer would make the host wait for
     the device on every call, so there the kernels' own arithmetic decides (see the README).
     """
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch():
         return False
     return bool(torch.isnan(q.sum() + out.sum()))
+
+
+def _in_functorch() -> bool:
+    # Under torch.vmap a tensor cannot become a Python bool: the screen steps aside under the
+    # torch.func transforms (and under tracing, above), where the kernels' arithmetic decides.
+    return torch._C._are_functorch_transforms_active()
 
 
 def _isolate_nans(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
@@ -178,112 +202,3 @@ def _isolate_nans(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
     k = k.masked_fill(nan_keys[..., None], 0.0)
     v = v.masked_fill(nan_keys[..., None], 0.0)
     return q, k, v, rows
-
-
-def _validate(q, k, v, mask, bias, softcap, scale, return_lse) -> AttentionCall:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            want = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, Tk, D)"
-            raise ValueError(
-                f"{name} must have 4 dimensions {want}, got shape {tuple(t.shape)}"
-                + (": add the batch and head dimensions, e.g. x[None, None]" if t.dim() < 4
-                   else "")
-            )
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(
-            f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
-    if not q.device == k.device == v.device:
-        raise ValueError(
-            f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
-        )
-    b, hq, tq, d = q.shape
-    _, hkv, tk, _ = k.shape
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape (B, Hkv, Tk, D), got k {tuple(k.shape)} and"
-            f" v {tuple(v.shape)}"
-        )
-    if k.shape[0] != b:
-        raise ValueError(
-            f"k must have the batch size of q, B={b}: wanted ({b}, Hkv, Tk, {d}),"
-            f" got {tuple(k.shape)}"
-        )
-    if k.shape[3] != d:
-        raise ValueError(
-            f"k must have the head dimension of q, D={d}: wanted ({b}, Hkv, Tk, {d}),"
-            f" got {tuple(k.shape)}"
-        )
-    if min(b, hq, hkv, d) < 1:
-        raise ValueError(
-            f"B, heads and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if tq < 1 or tk < 1:
-        raise ValueError(
-            f"sequence lengths must be >= 1, got Tq={tq} (q {tuple(q.shape)}) and Tk={tk}"
-            f" (k {tuple(k.shape)})"
-        )
-    if hq % hkv:
-        raise ValueError(
-            f"q has Hq={hq} heads, which is not a multiple of the Hkv={hkv} heads of k and v;"
-            f" use Hkv dividing Hq (grouped-query attention) or Hkv == Hq"
-        )
-    if tq > tk:
-        raise ValueError(
-            f"q has Tq={tq} positions but k has only Tk={tk}: queries are the last Tq of the"
-            " Tk positions, so Tq must be <= Tk"
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not _positive_number(scale):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if softcap is not None and not _positive_number(softcap):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    rule = as_rule(mask)
-    rule = rule.to(q.device).fit(b, hq, tq, tk)
-    return AttentionCall(
-        batch=b, q_heads=hq, kv_heads=hkv, q_len=tq, k_len=tk, head_dim=d, dtype=q.dtype,
-        device=q.device, rule=rule, bias=_validate_bias(bias, q, tk), softcap=softcap,
-        scale=float(scale), return_lse=bool(return_lse),
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-    )
-
-
-def _positive_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
-
-
-def _validate_bias(bias, q: Tensor, tk: int) -> Alibi | Tensor | None:
-    b, hq, tq, _ = q.shape
-    if bias is None:
-        return None
-    if isinstance(bias, Alibi):
-        if bias.slopes.shape[0] != hq:
-            raise ValueError(
-                f"bias: Alibi has {bias.slopes.shape[0]} slopes, wanted one per query head,"
-                f" shape ({hq},)"
-            )
-        # in the precision the call computes in: float64 stays float64 (the reference, SDPA)
-        precision = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return Alibi(bias.slopes.to(device=q.device, dtype=precision))
-    if not isinstance(bias, Tensor):
-        raise TypeError(
-            f"bias must be None, Alibi(slopes) or a float tensor, got {type(bias).__name__}"
-        )
-    if not bias.dtype.is_floating_point:
-        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-    want = (b, hq, tq, tk)
-    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-    if bias.dim() > 4 or any(g not in (1, w) for g, w in zip(shape, want, strict=True)):
-        raise ValueError(
-            f"bias has shape {tuple(bias.shape)}, which does not broadcast to (B, Hq, Tq, Tk)"
-            f" = {want}"
-        )
-    if bias.device != q.device:
-        raise ValueError(f"bias must be on the device of q, {q.device}, got {bias.device}")
-    return bias.reshape(shape).expand(*shape[:2], tq, tk)
-

@@ -7,7 +7,8 @@ A backend is a module with two functions:
 - ``run(q, k, v, call: AttentionCall) -> (output, lse | None)``: output (B, Hq, Tq, D) in the
   inputs' dtype; lse (B, Hq, Tq) when ``call.return_lse``. Autograd must work through it.
 
-Inputs reaching a backend are already validated by :func:`maskedattn.attention`.
+Inputs reaching a backend are already validated by :func:`maskedattn.attention`, through
+:func:`maskedattn.attention.lowering.lower_call` (public: benchmarks and tests build calls with it).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ position ``Tk - Tq + i``. One rule then serves training (Tq = Tk) and decoding w
 
 Masks
 -----
-``Causal()``, ``SlidingWindow(w)``, ``Padding(lengths)``, ``Documents(ids)``, ``PrefixLM(n)`` and
+``Causal()``, ``SlidingWindow(w)``, ``ChunkedCausal(n)``, ``Padding(lengths)``,
+``Documents(ids)``, ``PrefixLM(n)`` and
 ``DenseMask(tensor)`` are declarative specs, combined with ``&`` (a key is visible when every
 part allows it). Each reduces to one :class:`MaskRule`, which answers the two questions every
 backend asks: the dense boolean mask for a rectangle of (query, key) positions, and, per tile of
@@ -49,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "Alibi",
     "Causal",
+    "ChunkedCausal",
     "DenseMask",
     "Documents",
     "Mask",
@@ -79,6 +81,7 @@ class MaskRule:
     - ``causal``: k <= q
     - ``window``: q - k < window
     - ``prefix``: k <= q or k < prefix (bidirectional inside the first ``prefix`` positions)
+    - ``chunk``: k // chunk == q // chunk (fixed chunks of ``chunk`` positions)
     - ``lengths``: k < lengths[b]
     - ``documents``: documents[b, q] == documents[b, k]
     - ``dense``: dense[b, h, i, j] for query row i and key column j (broadcast over b and h)
@@ -87,6 +90,7 @@ class MaskRule:
     causal: bool = False
     window: int | None = None
     prefix: int | None = None
+    chunk: int | None = None
     lengths: Tensor | None = None
     documents: Tensor | None = None
     dense: Tensor | None = None
@@ -96,10 +100,16 @@ class MaskRule:
         window = _min_optional(self.window, other.window)
         # (k <= q or k < a) and (k <= q or k < b) == (k <= q or k < min(a, b)); causal absorbs it.
         prefix = None if causal else _min_optional(self.prefix, other.prefix)
+        if None not in (self.chunk, other.chunk) and self.chunk != other.chunk:
+            raise ValueError(
+                f"mask: chunks of {self.chunk} and {other.chunk} positions cannot be combined;"
+                " use one ChunkedCausal size"
+            )
+        chunk = self.chunk if self.chunk is not None else other.chunk
         lengths = _combine(self.lengths, other.lengths, torch.minimum)
         documents = _combine(self.documents, other.documents, _pair_ids)
         dense = _combine(self.dense, other.dense, torch.logical_and)
-        return MaskRule(causal, window, prefix, lengths, documents, dense)
+        return MaskRule(causal, window, prefix, chunk, lengths, documents, dense)
 
     @property
     def is_empty_rule(self) -> bool:
@@ -108,6 +118,7 @@ class MaskRule:
             not self.causal
             and self.window is None
             and self.prefix is None
+            and self.chunk is None
             and self.lengths is None
             and self.documents is None
             and self.dense is None
@@ -176,6 +187,8 @@ class MaskRule:
             allowed &= q - k < self.window
         if self.prefix is not None:
             allowed &= (k <= q) | (k < self.prefix)
+        if self.chunk is not None:
+            allowed &= k // self.chunk == q // self.chunk
         allowed = allowed[None, None]
         if self.lengths is not None:
             allowed = allowed & (k[None, None] < self.lengths[:, None, None, None])
@@ -223,6 +236,11 @@ class MaskRule:
             kind = torch.minimum(
                 kind, _interval_kind(full=(kb <= qa) | (kb < n), empty=(ka > qb) & (ka >= n))
             )
+        if self.chunk is not None:  # k // c == q // c
+            c = self.chunk
+            kind = torch.minimum(kind, _interval_kind(
+                full=(qa // c == qb // c) & (ka // c == kb // c) & (qa // c == ka // c),
+                empty=(kb // c < qa // c) | (ka // c > qb // c)))
         kind = kind[None, None]
         if self.lengths is not None:  # k < length[b]
             length = self.lengths[:, None, None, None]
@@ -390,6 +408,21 @@ class PrefixLM(Mask):
         return MaskRule(prefix=self.n)
 
 
+@dataclass(frozen=True)
+class ChunkedCausal(Mask):
+    """Causal inside fixed chunks of ``n`` positions (Llama 4's chunked attention):
+    k <= q and k // n == q // n."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"ChunkedCausal: n must be an integer >= 1, got {self.n!r}")
+
+    def rule(self) -> MaskRule:
+        return MaskRule(causal=True, chunk=self.n)
+
+
 class Padding(Mask):
     """Right padding: in batch row b only keys at positions < ``lengths[b]`` are visible.
 
@@ -405,7 +438,7 @@ class Padding(Mask):
             )
         if lengths.numel() == 0:
             raise ValueError("Padding: lengths is empty; give one length per batch row")
-        if (lengths < 0).any():
+        if not torch.compiler.is_compiling() and (lengths < 0).any():  # data: eager only
             raise ValueError(f"Padding: lengths must be >= 0, got {lengths.tolist()}")
         self.lengths = lengths
 

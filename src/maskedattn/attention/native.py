@@ -29,12 +29,13 @@ from pathlib import Path
 
 from .._cbuild import INSTRUCTION_SETS, InstructionSet, choose_instruction_set, cpu_flags, load
 from .._cbuild import requested_instruction_set as requested_variant
+from .lowering import OP_FIELDS
 
 __all__ = ["VARIANTS", "AttnArgs", "Kernel", "Variant", "View", "cpu_flags", "kernel",
            "requested_variant"]
 
 SOURCE = Path(__file__).with_name("csrc") / "tiled_attention.c"
-ABI_VERSION = 3  # must match ABI_VERSION in the C source
+ABI_VERSION = 4  # must match ABI_VERSION in the C source
 
 #: One build of the kernel: the CPU flags it needs and the compiler flags that target them.
 Variant = InstructionSet
@@ -47,26 +48,49 @@ class View(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), *((f"s{d}", ctypes.c_int64) for d in "bht")]
 
 
+# A tensor field of OP_FIELDS is its pointer and then these strides (dimension letters).
+_TENSOR_STRIDES = {"lengths": "b", "documents": "b", "dense": "bhqk", "alibi": "", "bias": "bhqk"}
+_SCALAR_TYPES = {"bool": ctypes.c_int64, "int": ctypes.c_int64, "float": ctypes.c_double}
+
+
+def _op_fields() -> list[tuple[str, type]]:
+    """The ctypes fields of :data:`.lowering.OP_FIELDS`, as the C struct lays them out."""
+    fields: list[tuple[str, type]] = []
+    for name, kind in OP_FIELDS:
+        if kind == "Tensor?":
+            fields.append((name, ctypes.c_void_p))
+            fields += [(f"{name}_s{d}", ctypes.c_int64) for d in _TENSOR_STRIDES[name]]
+        else:
+            fields.append((name, _SCALAR_TYPES[kind]))
+    return fields
+
+
 class AttnArgs(ctypes.Structure):
-    """Mirror of ``attn_args`` in the C source: every field 8 bytes, in the same order."""
+    """Mirror of ``attn_args`` in the C source, generated: the sizes, the tile kinds, the
+    fields of :data:`.lowering.OP_FIELDS`, the tensors. Every field is 8 bytes wide; the
+    layout is checked against the C compiler's when the library loads."""
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in (
             "batch", "q_heads", "kv_heads", "q_len", "k_len", "head_dim", "dtype",
             "block_q", "block_k", "n_threads")),
-        ("scale", ctypes.c_double), ("softcap", ctypes.c_double),
         ("kinds", ctypes.c_void_p), ("kinds_sb", ctypes.c_int64), ("kinds_sh", ctypes.c_int64),
-        ("causal", ctypes.c_int64), ("window", ctypes.c_int64), ("prefix", ctypes.c_int64),
-        ("lengths", ctypes.c_void_p), ("lengths_sb", ctypes.c_int64),
-        ("documents", ctypes.c_void_p), ("documents_sb", ctypes.c_int64),
-        ("dense", ctypes.c_void_p),
-        *((f"dense_s{d}", ctypes.c_int64) for d in "bhqk"),
-        ("alibi", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        *((f"bias_s{d}", ctypes.c_int64) for d in "bhqk"),
+        *_op_fields(),
         *((name, View) for name in ("q", "k", "v", "out", "d_out", "dq", "dk", "dv")),
         ("lse", ctypes.c_void_p), ("d_lse", ctypes.c_void_p),
     ]
+
+
+# The fields whose offsets maskedattn_args_layout reports after the size, in its order.
+_LAYOUT_PROBES = ("kinds", "causal", "chunk", "dense_sk", "alibi", "softcap", "scale", "q", "dv",
+                  "d_lse")
+
+
+def _check_layout(lib: ctypes.CDLL, path: Path) -> None:
+    want = [ctypes.sizeof(AttnArgs), *(getattr(AttnArgs, f).offset for f in _LAYOUT_PROBES)]
+    got = [lib.maskedattn_args_layout(i) for i in range(len(want))]
+    if got != want:
+        raise OSError(f"{path}: attn_args layout {got} differs from the ctypes mirror's {want}")
 
 
 class Kernel:
@@ -78,6 +102,7 @@ class Kernel:
         self._lib = lib
         if lib.maskedattn_abi_version() != ABI_VERSION:
             raise OSError(f"{self.path} was built for another ABI version")
+        _check_layout(lib, self.path)
         #: whether bfloat16 inputs keep bfloat16 products (else they are computed in float32)
         self.bf16 = bool(lib.maskedattn_has_bf16())
 
@@ -128,6 +153,7 @@ _ARGS = [ctypes.POINTER(AttnArgs)]
 _SYMBOLS = {
     "maskedattn_abi_version": ([], ctypes.c_int), "maskedattn_has_bf16": ([], ctypes.c_int),
     "maskedattn_forward": (_ARGS, ctypes.c_int), "maskedattn_backward": (_ARGS, ctypes.c_int),
+    "maskedattn_args_layout": ([ctypes.c_int64], ctypes.c_int64),
 }
 
 

@@ -53,5 +53,5 @@ def sdpa_mask(call: AttentionCall) -> tuple[Tensor | None, bool]:
 
 
 def _is_plain_causal(rule: MaskRule) -> bool:
-    others = (rule.window, rule.prefix, rule.lengths, rule.documents, rule.dense)
+    others = (rule.window, rule.prefix, rule.chunk, rule.lengths, rule.documents, rule.dense)
     return rule.causal and all(part is None for part in others)

@@ -28,10 +28,10 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import native, sdpa
+from . import native, ops, sdpa
 from .backend import AttentionCall
+from .lowering import op_args
 from .masks import Alibi, TileKind, bias_block
 
 __all__ = ["backward_torch", "forward_torch", "run", "why_not"]
@@ -62,43 +62,23 @@ def why_not(call: AttentionCall) -> str | None:
         return f"it computes float32, bfloat16 and float16, got {call.dtype}"
     if isinstance(call.bias, Tensor) and call.bias.requires_grad:
         return "it does not compute gradients for a bias tensor"
-    unbuildable = native.requested_variant() is not None and native.kernel() is None
-    if unbuildable and sdpa.why_not(call) is None:
+    # (A preference only, and the build is not traced: compiled graphs leave it to the operator,
+    # which runs the pure-torch twin where the kernel is missing.)
+    if not torch.compiler.is_compiling() and _native_unbuildable() and sdpa.why_not(call) is None:
         return ("its native kernel cannot be built here, and its pure-torch path is slower"
                 " than sdpa for this call; set MASKEDATTN_NATIVE=0 to use that path anyway")
     return None
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
-    """Backend entry point: tiled attention with autograd; the LSE only when asked."""
-    out, lse = _TiledAttention.apply(q, k, v, call)
+    """Backend entry point: the ``maskedattn::tiled_fwd`` operator (autograd through
+    ``maskedattn::tiled_bwd``); the LSE only when asked."""
+    out, lse = ops.flash_forward("tiled", q, k, v, op_args(call))
     return out, (lse if call.return_lse else None)
 
 
-class _TiledAttention(torch.autograd.Function):
-    """Forward saves q, k, v, the output and the LSE; backward recomputes tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
-        kernel = native.kernel()
-        if kernel is not None:
-            out, lse = forward_native(kernel, q, k, v, call)
-        else:
-            out, lse = forward_torch(q, k, v, call)
-        ctx.call = call
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out: Tensor, d_lse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        kernel = native.kernel()
-        if kernel is not None:
-            grads = backward_native(kernel, q, k, v, out, lse, d_out, d_lse, ctx.call)
-        else:
-            grads = backward_torch(q, k, v, out, lse, d_out, d_lse, ctx.call)
-        return (*grads, None)
+def _native_unbuildable() -> bool:
+    return native.requested_variant() is not None and native.kernel() is None
 
 
 # -- the pure-torch twin -----------------------------------------------------------------------
@@ -256,12 +236,14 @@ def _args(call: AttentionCall, blocks: tuple[int, int], keep: list[Tensor]) -> n
     pointers the arguments hold are appended to ``keep``, which the caller keeps alive."""
     block_q, block_k = blocks
     rule = call.rule
+    # The scalar fields of the lowering (causal, window, prefix, chunk, softcap, scale) by name;
+    # the tensors below, each as the kernel reads it.
+    scalars = {name: value for name, value in op_args(call)._asdict().items()
+               if not isinstance(value, Tensor) and value is not None}
     a = native.AttnArgs(
         batch=call.batch, q_heads=call.q_heads, kv_heads=call.kv_heads, q_len=call.q_len,
         k_len=call.k_len, head_dim=call.head_dim, dtype=_DTYPE_CODES[call.dtype],
-        block_q=block_q, block_k=block_k, n_threads=torch.get_num_threads(), scale=call.scale,
-        softcap=call.softcap or 0.0, causal=int(rule.causal), window=rule.window or -1,
-        prefix=-1 if rule.prefix is None else rule.prefix,
+        block_q=block_q, block_k=block_k, n_threads=torch.get_num_threads(), **scalars,
     )
     # The kernel classifies the positional parts of the rule itself; documents and dense masks
     # are classified here.

@@ -18,7 +18,9 @@ import os
 import torch
 from torch import Tensor
 
+from . import ops
 from .backend import AttentionCall
+from .lowering import op_args
 
 __all__ = ["run", "why_not"]
 
@@ -52,8 +54,7 @@ def why_not(call: AttentionCall) -> str | None:
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
-    """Backend entry point: flash attention forward (and backward through autograd)."""
-    from ._triton_kernels import flash_attention
-
-    out, lse = flash_attention(q, k, v, call)
+    """Backend entry point: the ``maskedattn::triton_fwd`` operator (autograd through
+    ``maskedattn::triton_bwd``)."""
+    out, lse = ops.flash_forward("triton", q, k, v, op_args(call))
     return out, (lse if call.return_lse else None)

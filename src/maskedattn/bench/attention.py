@@ -225,12 +225,12 @@ def tune(args) -> None:
 
 def _tune_dtype(args, dtype_name: str) -> None:
     from maskedattn.attention import tiled
-    from maskedattn.attention.api import _validate
+    from maskedattn.attention.lowering import lower_call
 
     kernel = native.kernel()
     q, k, v = (x.detach() for x in _inputs(args.batch, args.heads, args.t[-1], 64,
                                            DTYPES[dtype_name]))
-    call = _validate(q, k, v, Causal(), None, None, None, False)
+    call = lower_call(q, k, v, Causal())
     out, lse = tiled.forward_native(kernel, q, k, v, call)
     grad = torch.randn_like(q)
     blocks = [(bq, bk) for bq in (32, 64, 128, 256) for bk in (64, 128, 256)]

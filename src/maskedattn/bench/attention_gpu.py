@@ -29,7 +29,7 @@ import maskedattn as ma
 from maskedattn._optional import require
 from maskedattn.attention import Causal
 from maskedattn.attention import triton as triton_backend
-from maskedattn.attention.api import _validate
+from maskedattn.attention.lowering import lower_call
 
 COMPETITORS = ("triton", "sdpa_flash", "flex")
 
@@ -107,7 +107,7 @@ def _attention_fns(q: Tensor, k: Tensor, v: Tensor, causal: bool,
     from torch.nn.functional import scaled_dot_product_attention
 
     mask = Causal() if causal else None
-    call = _validate(q, k, v, mask, None, None, None, False)
+    call = lower_call(q, k, v, mask)
 
     def ours(q, k, v):
         return triton_backend.run(q, k, v, call)[0]

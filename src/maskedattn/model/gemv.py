@@ -39,6 +39,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through the native kernel when it serves the call."""
     # Decoding calls this ~50 times per token: the checks are ordered cheapest first and avoid
     # anything that allocates (``x.device`` alone costs more than all of them).
+    if torch.compiler.is_compiling():  # traced: F.linear, before the loader is touched
+        return F.linear(x, weight, bias)
     lib = _library()
     if (
         lib is not None
@@ -51,7 +53,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad)))
-        and not torch.compiler.is_compiling()
     ):
         return _call(lib, x, weight, bias)
     return F.linear(x, weight, bias)

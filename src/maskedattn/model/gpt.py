@@ -130,23 +130,30 @@ class GPT(nn.Module):
             start = self._check_cache(cache, b, start, device)
             index = start[:, None] + steps  # (B, T)
             ends = start + t
-            n_keys = int(ends.max())
             limit = min(cache[0].max_len, self.config.context)
-            if n_keys > limit:
-                raise ValueError(
-                    f"start + T reaches position {n_keys}, beyond the {limit} positions that the"
-                    f" cache (max_len={cache[0].max_len}) and the context"
-                    f" ({self.config.context}) allow"
-                )
-            if t == 1:
-                # Decoding: the query aligns with the last key, n_keys - 1, where Causal() would
-                # hide nothing; Padding stops each row at its own length.
-                mask = None if b == 1 else Padding(ends)
-            elif bool((start == start[0]).all()):
-                mask = Causal()  # every row continues from the same length (e.g. prefill)
+            if torch.compiler.is_compiling():
+                # Traced (torch.compile, torch.export): no data-dependent shapes, so attend over
+                # the whole static cache, masked to each row's length: one graph for every step.
+                n_keys = limit
+                keys = torch.arange(limit, device=device)
+                mask = Padding(ends) if t == 1 else DenseMask(keys <= index[:, None, :, None])
             else:
-                keys = torch.arange(n_keys, device=device)
-                mask = DenseMask(keys <= index[:, None, :, None])  # (B, 1, T, n_keys)
+                n_keys = int(ends.max())
+                if n_keys > limit:
+                    raise ValueError(
+                        f"start + T reaches position {n_keys}, beyond the {limit} positions that"
+                        f" the cache (max_len={cache[0].max_len}) and the context"
+                        f" ({self.config.context}) allow"
+                    )
+                if t == 1:
+                    # Decoding: the query aligns with the last key, n_keys - 1, where Causal()
+                    # would hide nothing; Padding stops each row at its own length.
+                    mask = None if b == 1 else Padding(ends)
+                elif bool((start == start[0]).all()):
+                    mask = Causal()  # every row continues from the same length (e.g. prefill)
+                else:
+                    keys = torch.arange(n_keys, device=device)
+                    mask = DenseMask(keys <= index[:, None, :, None])  # (B, 1, T, n_keys)
         rope = None
         if self.config.positions == "rope":
             rope = rope_tables(index, self.config.head_dim, self.config.rope_base)
@@ -160,6 +167,8 @@ class GPT(nn.Module):
         if tokens.dim() != 2 or tokens.numel() == 0:
             raise ValueError(f"tokens must have shape (B, T) with B, T >= 1, got"
                              f" {tuple(tokens.shape)}")
+        if torch.compiler.is_compiling():
+            return  # the id range is data: checking it would break the graph
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size),"
@@ -179,7 +188,7 @@ class GPT(nn.Module):
         if start.shape != (batch,) or start.dtype.is_floating_point:
             raise ValueError(f"start must be an integer tensor of shape (B,) = ({batch},), got"
                              f" {start.dtype} {tuple(start.shape)}")
-        if bool((start < 0).any()):
+        if not torch.compiler.is_compiling() and bool((start < 0).any()):
             raise ValueError(f"start must be >= 0, got {start.tolist()}")
         return start.long()
 

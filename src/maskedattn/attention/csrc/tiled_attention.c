@@ -23,13 +23,14 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <omp.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 /* -- vectors of VW floats: the only place where AVX-512 and AVX2 differ ---------------------- */
 
@@ -154,13 +155,14 @@ typedef struct {
     int64_t batch, q_heads, kv_heads, q_len, k_len, head_dim;
     int64_t dtype; /* of q, k, v, out, d_out and the gradients: DT_* below */
     int64_t block_q, block_k, n_threads;
-    double scale, softcap; /* softcap <= 0: none */
     /* TileKind per (b, h, query tile, key tile) for documents and dense masks, else NULL;
      * b and h strides are 0 where broadcast */
     const int8_t *kinds;
     int64_t kinds_sb, kinds_sh;
-    /* the MaskRule: window and prefix < 0 when absent */
-    int64_t causal, window, prefix;
+    /* OP_FIELDS of lowering.py, in that order (native.py generates the ctypes mirror from it):
+     * an int as int64, a float as double, a tensor as its pointer and then its strides.
+     * The interval rules of MaskRule: window, prefix and chunk < 0 when absent. */
+    int64_t causal, window, prefix, chunk;
     const int64_t *lengths;
     int64_t lengths_sb;
     const int64_t *documents;
@@ -171,6 +173,7 @@ typedef struct {
     const float *alibi;
     const float *bias;
     int64_t bias_sb, bias_sh, bias_sq, bias_sk;
+    double softcap, scale; /* softcap <= 0: none */
     /* (B, Hq, Tq, D): q, out, d_out, dq; (B, Hkv, Tk, D): k, v, dk, dv */
     view q, k, v, out, d_out, dq, dk, dv;
     float *lse;          /* (B, Hq, Tq) contiguous: written by forward, read by backward */
@@ -483,7 +486,7 @@ static inline int interval_kind(int full, int empty) {
 static inline int min_kind(int a, int b) { return a < b ? a : b; }
 
 /* The kind of tile (qi, kj) for batch row b and query head h: the positional parts of the rule
- * classified here with the interval formulas of MaskRule.classify, the kinds that Python
+ * classified here, mirroring the interval formulas of MaskRule.classify (masks.py) one by one, the kinds that Python
  * classified for documents and dense masks (if any), and partial where the tile reaches into
  * the padding, which must be masked. */
 static int tile_kind(const attn_args *a, int64_t b, int64_t h, int64_t qi, int64_t kj) {
@@ -498,6 +501,11 @@ static int tile_kind(const attn_args *a, int64_t b, int64_t h, int64_t qi, int64
     if (a->prefix >= 0)
         kind = min_kind(kind, interval_kind(kb <= qa || kb < a->prefix,
                                             ka > qb && ka >= a->prefix));
+    if (a->chunk > 0) { /* k / c == q / c (positions are >= 0: division floors) */
+        const int64_t c = a->chunk;
+        kind = min_kind(kind, interval_kind(qa / c == qb / c && ka / c == kb / c && qa / c == ka / c,
+                                            kb / c < qa / c || ka / c > qb / c));
+    }
     if (a->lengths) {
         const int64_t len = a->lengths[b * a->lengths_sb];
         kind = min_kind(kind, interval_kind(kb < len, ka >= len));
@@ -508,7 +516,8 @@ static int tile_kind(const attn_args *a, int64_t b, int64_t h, int64_t qi, int64
 }
 
 /* Columns [lo, hi] of row `row` (a query or a key index) that the positional part of the rule
- * (causal, window, prefix, lengths, bounds) leaves visible, in the index space of the columns. */
+ * (causal, window, prefix, chunk, lengths, bounds) leaves visible, in the index space of the
+ * columns: MaskRule.block's formulas (masks.py) solved for an interval of k, or of q. */
 static void visible_span(const attn_args *a, int64_t b, int transposed, int64_t row,
                          int64_t *lo, int64_t *hi) {
     const int64_t offset = a->k_len - a->q_len;
@@ -520,6 +529,10 @@ static void visible_span(const attn_args *a, int64_t b, int transposed, int64_t 
         if (a->causal) h = min64(h, pos);
         if (a->window > 0) l = max64(l, pos - a->window + 1);
         if (a->prefix >= 0) h = min64(h, max64(pos, a->prefix - 1));
+        if (a->chunk > 0) {
+            const int64_t first = pos / a->chunk * a->chunk;
+            l = max64(l, first), h = min64(h, first + a->chunk - 1);
+        }
         *lo = l, *hi = h;
     } else { /* key k = row; query rows i in [lo, hi], at positions offset + i */
         int64_t k = row, l = 0, h = a->q_len - 1;
@@ -527,6 +540,10 @@ static void visible_span(const attn_args *a, int64_t b, int transposed, int64_t 
         if (a->causal) l = max64(l, k - offset);
         if (a->window > 0) h = min64(h, k + a->window - 1 - offset);
         if (a->prefix >= 0 && k >= a->prefix) l = max64(l, k - offset);
+        if (a->chunk > 0) {
+            const int64_t first = k / a->chunk * a->chunk;
+            l = max64(l, first - offset), h = min64(h, first + a->chunk - 1 - offset);
+        }
         *lo = l, *hi = h;
     }
 }
@@ -976,6 +993,18 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
 /* -- entry points: 0 on success, -1 when memory ran out -------------------------------------- */
 
 int maskedattn_abi_version(void) { return ABI_VERSION; }
+
+/* The struct's size and the offsets of fields spread across it, checked against the ctypes
+ * mirror when the library is loaded: a layout that drifted fails loudly, not silently. */
+int64_t maskedattn_args_layout(int64_t i) {
+    const int64_t layout[] = {
+        sizeof(attn_args), offsetof(attn_args, kinds), offsetof(attn_args, causal),
+        offsetof(attn_args, chunk), offsetof(attn_args, dense_sk), offsetof(attn_args, alibi),
+        offsetof(attn_args, softcap), offsetof(attn_args, scale), offsetof(attn_args, q),
+        offsetof(attn_args, dv), offsetof(attn_args, d_lse),
+    };
+    return i >= 0 && i < (int64_t)(sizeof layout / sizeof layout[0]) ? layout[i] : -1;
+}
 int maskedattn_has_bf16(void) { return HAVE_BF16; }
 
 int maskedattn_forward(const attn_args *a) {
