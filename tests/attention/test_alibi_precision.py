@@ -33,7 +33,7 @@ def test_float64_alibi_matches_an_explicit_float64_bias(backend, tq, tk) -> None
 
 def test_float32_calls_still_take_float32_slopes() -> None:
     q, k, v = random_qkv(1, 12, 12, 20, 20, 8)
-    from maskedattn.attention.api import _validate
+    from maskedattn.attention import lower_call
 
-    call = _validate(q, k, v, Causal(), Alibi(Alibi.default_slopes(12)), None, None, False)
+    call = lower_call(q, k, v, Causal(), bias=Alibi(Alibi.default_slopes(12)))
     assert call.bias.slopes.dtype == torch.float32

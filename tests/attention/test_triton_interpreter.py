@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from maskedattn.attention.api import _validate, choose_backend
+from maskedattn.attention import lower_call
+from maskedattn.attention.api import choose_backend
 from tests.helpers import random_qkv
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 def _call(dtype: torch.dtype):
     q, k, v = random_qkv(1, 2, 2, 16, 16, 16, dtype=dtype)
-    return _validate(q, k, v, None, None, None, None, False)
+    return lower_call(q, k, v)
 
 
 def test_interpreter_declines_bfloat16(monkeypatch) -> None:
