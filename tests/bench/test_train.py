@@ -16,7 +16,7 @@ def test_quick_run_against_plain_gpt(capsys, monkeypatch):
 
 
 def test_missing_nanogpt_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="nanoGPT's model.py"):
+    with pytest.raises(SystemExit, match=r"nanoGPT's model\.py"):
         main(["bench", "train", *SMALL, "--nanogpt", str(tmp_path / "model.py")])
 
 
