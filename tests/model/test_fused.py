@@ -86,3 +86,22 @@ def test_gpt_training_step_equals_the_plain_linear_path(monkeypatch):
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_steps_aside_under_torch_compile_and_export():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(10, 16)
+
+    def fn(x):
+        assert not cpu_linear.serves(x, layer.weight, gemv.MAX_ROWS)
+        return F.linear(x, layer.weight, layer.bias)
+
+    explained = torch._dynamo.explain(fn)(x)
+    assert explained.graph_break_count == 0
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    exported = torch.export.export(Module(), (x,))
+    torch.testing.assert_close(exported.module()(x), layer(x))

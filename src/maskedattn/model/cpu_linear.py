@@ -37,8 +37,11 @@ def serves(x: Tensor, weight: Tensor, min_rows: int) -> bool:
 
     ``min_rows``: calls with at most this many rows are left to the caller (the GEMV kernel).
     """
+    # Under torch.compile / torch.export this path steps aside first, before anything that
+    # tracing could not follow; the compiler then sees F.linear.
     return (
-        x.dtype is torch.float32
+        not torch.compiler.is_compiling()
+        and x.dtype is torch.float32
         and weight.dtype is torch.float32
         and x.is_cpu
         and weight.is_cpu
@@ -46,7 +49,6 @@ def serves(x: Tensor, weight: Tensor, min_rows: int) -> bool:
         and x.numel() > min_rows * weight.shape[1]
         and _available()
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
     )
 
