@@ -1,26 +1,45 @@
-"""Training throughput on the CPU: our GPT against the same model written plainly in PyTorch.
+"""Training throughput on the CPU: our GPT against nanoGPT's model, eager and compiled.
 
-The competitor is nanoGPT's shape of model: ``nn.Linear`` layers and PyTorch's
-``scaled_dot_product_attention(is_causal=True)``, same width, depth, heads, context, tied
-embeddings and GELU MLP. Both take full AdamW steps (forward, backward, update) on the same
-random batches, timed alternately in one run; the table shows medians and ours/theirs.
+The competitor is nanoGPT's ``model.py`` (Karpathy, MIT licence) when you give its path
+(``--nanogpt PATH`` or the environment variable ``MASKEDATTN_NANOGPT``; it is never part of this
+package: fetch it yourself, e.g. from github.com/karpathy/nanoGPT). Without it the competitor is
+``PlainGPT`` below, the same architecture written plainly: ``nn.Linear`` layers,
+``scaled_dot_product_attention(is_causal=True)``, tied embeddings, a GELU MLP.
 
-    python benchmarks/train_cpu.py                 # nanoGPT's small character-level setting
-    python benchmarks/train_cpu.py --dtype bfloat16
+Both models take full AdamW steps (forward, backward, update; the same optimizer settings for
+both) on the same random batches, timed alternately in one process; the table shows medians
+and the throughput ratio ours/theirs (above 1.0: we are faster).
+
+    python benchmarks/train_cpu.py --nanogpt /tmp/nanoGPT/model.py
+    python benchmarks/train_cpu.py --dtype bfloat16      # under bfloat16 autocast
+    python benchmarks/train_cpu.py --compile             # torch.compile of both models
+
+With ``--compile`` both models go through ``torch.compile`` and the table adds our eager step
+as a third contestant; the number of graphs and graph breaks of each compiled forward
+(``torch._dynamo.explain``) is printed, since every break costs a trip through Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
+import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import GPT, GPTConfig
+
+NANOGPT_ENV = "MASKEDATTN_NANOGPT"  # path of nanoGPT's model.py, if --nanogpt is not given
 
 
 class PlainBlock(nn.Module):
@@ -43,7 +62,7 @@ class PlainBlock(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    """nanoGPT's model: the competitor."""
+    """nanoGPT's model, written plainly: the competitor when nanoGPT's file is not given."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -63,8 +82,32 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def _step_fn(model: nn.Module, loss_of, dtype: torch.dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def competitor(config: GPTConfig, nanogpt: str | None) -> tuple[str, nn.Module, Loss]:
+    """nanoGPT's GPT built from the file at ``nanogpt`` (same shape as ours), else PlainGPT."""
+    if not nanogpt:
+        return "PlainGPT (SDPA)", PlainGPT(config), lambda m, x, y: m(x, y)
+    path = Path(nanogpt)
+    if not path.is_file():
+        raise SystemExit(f"--nanogpt: no file {path} (the path of nanoGPT's model.py)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks the module up by name
+    spec.loader.exec_module(module)
+    theirs = module.GPTConfig(block_size=config.context, vocab_size=config.vocab_size,
+                              n_layer=config.n_layer, n_head=config.n_head,
+                              n_embd=config.n_embd, dropout=0.0, bias=config.bias)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        model = module.GPT(theirs)
+    return "nanoGPT", model, lambda m, x, y: m(x, y)[1]
+
+
+def _step_fn(model: nn.Module, loss_of: Loss, dtype: torch.dtype,
+             optimizer: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    kind = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -76,26 +119,59 @@ def _step_fn(model: nn.Module, loss_of, dtype: torch.dtype):
     return step
 
 
-def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int,
-            warmup: int) -> dict[str, float]:
-    """Median seconds per training step of ours and the plain model, timed alternately."""
+def graph_breaks(model: nn.Module, loss_of: Loss, x: torch.Tensor, y: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[int, int]:
+    """(graphs, graph breaks) that torch.compile makes of the model's loss computation."""
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return loss_of(model, x, y)
+
+    explained = torch._dynamo.explain(loss)(x, y)
+    torch._dynamo.reset()
+    return explained.graph_count, explained.graph_break_count
+
+
+def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, warmup: int, *,
+            nanogpt: str | None = None, compile: bool = False, optimizer: str = "default",
+            clock: Callable[[], float] = time.perf_counter,
+            ) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+    """Median seconds per training step of each contestant, timed alternately.
+
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time,
+    which on a machine shared with other work says more about the work each step does.
+    Returns the medians by name (ours first, the competitor last) and, with ``compile``, the
+    (graphs, graph breaks) of each compiled model.
+    """
     torch.manual_seed(0)
-    steps = {
-        "maskedattn": _step_fn(GPT(config), lambda m, x, y: m(x, y).loss, dtype),
-        "plain PyTorch (SDPA)": _step_fn(PlainGPT(config), lambda m, x, y: m(x, y), dtype),
-    }
+    name, plain, plain_loss = competitor(config, nanogpt)
+    ours = GPT(config)
+    ours_loss: Loss = lambda m, x, y: m(x, y).loss  # noqa: E731
     x = torch.randint(0, config.vocab_size, (batch, config.context))
     y = torch.randint(0, config.vocab_size, (batch, config.context))
+    breaks: dict[str, tuple[int, int]] = {}
+    if compile:
+        breaks["maskedattn"] = graph_breaks(ours, ours_loss, x, y, dtype)
+        breaks[name] = graph_breaks(plain, plain_loss, x, y, dtype)
+        steps = {
+            "maskedattn compiled": _step_fn(torch.compile(ours), ours_loss, dtype, optimizer),
+            "maskedattn eager": _step_fn(ours, ours_loss, dtype, optimizer),
+            f"{name} compiled": _step_fn(torch.compile(plain), plain_loss, dtype, optimizer),
+        }
+    else:
+        steps = {
+            "maskedattn": _step_fn(ours, ours_loss, dtype, optimizer),
+            name: _step_fn(plain, plain_loss, dtype, optimizer),
+        }
     for step in steps.values():
         for _ in range(warmup):
             step(x, y)
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
+        for label, step in steps.items():
+            t0 = clock()
             step(x, y)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[label].append(clock() - t0)
+    return {label: statistics.median(ts) for label, ts in times.items()}, breaks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,22 +184,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--vocab", type=int, default=256, help="vocabulary (bytes: 256)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: both models under torch.autocast")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--nanogpt", default=os.environ.get(NANOGPT_ENV),
+                   help=f"path of nanoGPT's model.py, the competitor (default: ${NANOGPT_ENV};"
+                        " without it: PlainGPT, the same model written plainly)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models; also time our eager step")
+    p.add_argument("--optimizer", choices=["default", "foreach", "fused"], default="default",
+                   help="torch.optim.AdamW implementation, the same for both (default: torch's"
+                        " choice, a per-parameter loop on the CPU, as nanoGPT gets there)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: time each step by this process's CPU time (all threads), for a"
+                        " busy shared machine; best with --threads 1")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = GPTConfig.preset("tiny", n_layer=args.n_layer, n_head=args.n_head,
                               n_embd=args.n_embd, context=args.context, vocab_size=args.vocab)
     dtype = getattr(torch, args.dtype)
-    result = measure(config, args.batch, dtype, args.repeats, args.warmup)
+    result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
+                             nanogpt=args.nanogpt, compile=args.compile,
+                             optimizer=args.optimizer,
+                             clock=time.process_time if args.clock == "cpu" else time.perf_counter)
     tokens = args.batch * args.context
     params = GPT(config).num_params()
     print(f"training step, {params / 1e6:.1f}M parameters, batch {args.batch} x {args.context}"
-          f" tokens, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__},"
-          f" {platform.processor() or platform.machine()}")
-    print(f"{'model':<24}{'ms/step':>10}{'tokens/s':>12}")
+          f" tokens, {args.dtype}, AdamW {args.optimizer}, {torch.get_num_threads()} threads,"
+          f" torch {torch.__version__}, {platform.processor() or platform.machine()};"
+          f" {args.clock} clock, median of {args.repeats}")
+    for name, (graphs, n_breaks) in breaks.items():
+        print(f"torch.compile of {name}: {graphs} graph(s), {n_breaks} graph break(s)")
+    print(f"{'model':<28}{'ms/step':>10}{'tokens/s':>12}")
     for name, seconds in result.items():
-        print(f"{name:<24}{seconds * 1e3:>10.1f}{tokens / seconds:>12.0f}")
-    ours, theirs = result["maskedattn"], result["plain PyTorch (SDPA)"]
-    print(f"throughput ratio ours/plain: {theirs / ours:.2f}x (>= 1.0 means we are as fast)")
+        print(f"{name:<28}{seconds * 1e3:>10.1f}{tokens / seconds:>12.0f}")
+    names = list(result)
+    theirs = result[names[-1]]
+    for name in names[:-1]:
+        print(f"throughput ratio {name} / {names[-1]}: {theirs / result[name]:.2f}x"
+              " (above 1.0: ours is faster)")
+    if args.compile:
+        speedup = result[names[1]] / result[names[0]]
+        print(f"compiling ours: eager time / compiled time = {speedup:.2f}x")
     return 0

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..attention import Mask, attention
 from ..attention.kv_cache import KVCache
-from . import gemv
+from . import cpu_linear, gemv
 from .config import GPTConfig
 
 __all__ = ["Block", "CausalSelfAttention", "FeedForward", "Linear", "Positions", "RMSNorm",
@@ -27,11 +27,14 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same results) that decodes faster on the CPU.
 
     A few rows at a time (one token per sequence) go through a native matrix-vector kernel
-    that streams the weights at memory speed; everything else is ``F.linear``
-    (see :mod:`maskedattn.model.gemv`).
+    that streams the weights at memory speed (see :mod:`maskedattn.model.gemv`); many rows in
+    float32 through oneDNN's matrix product (:mod:`maskedattn.model.cpu_linear`); everything
+    else is ``F.linear``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if cpu_linear.serves(x, self.weight, gemv.MAX_ROWS):
+            return cpu_linear.linear(x, self.weight, self.bias)
         return gemv.linear(x, self.weight, self.bias)
 
 
