@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._jsonfile import read_json_object
-from . import hf
+from . import hf, hf_files, hf_llama
 from .config import GPTConfig
 from .gpt import GPT
 
@@ -31,12 +31,22 @@ WEIGHTS_FILE = "model.safetensors"
 _SHOW = 12  # names listed in an error message before "... and N more"
 
 
-def save(model: GPT, path: str | Path, *, format: str = FORMAT) -> None:
-    """Write ``model`` as a checkpoint directory, in our format or ``format="transformers"``."""
+def save(model: GPT, path: str | Path, *, format: str = FORMAT, tokenizer: Any = None) -> None:
+    """Write ``model`` as a checkpoint directory, in our format or ``format="transformers"``.
+
+    In the transformers format (GPT-2, or Llama/Qwen2/Mistral for llama-style models) the
+    directory also gets ``generation_config.json`` and, given ``tokenizer`` (a
+    ``tokenizers.Tokenizer``, our ``HFTokenizer`` or a path to a ``tokenizer.json``), the
+    tokenizer files that ``transformers.pipeline`` needs.
+    """
     state = _stored_state(model)
     if format == FORMAT:
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "config": model.config.to_dict()}
+    elif format == "transformers" and hf_llama.handles(model.config):
+        meta = hf_llama.config_to_transformers(model.config)
+        meta["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        state = hf_llama.to_transformers(state, model.config)
     elif format == "transformers":
         meta = hf.config_to_transformers(model.config)
         meta["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
@@ -48,6 +58,8 @@ def save(model: GPT, path: str | Path, *, format: str = FORMAT) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    if format == "transformers":
+        hf_files.write_companions(path, meta, tokenizer)
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -59,16 +71,25 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     if meta.get("model_type") == hf.MODEL_TYPE:
         config = hf.config_from_transformers(meta)
         names = hf.weight_names(config)
+    elif meta.get("model_type") in hf_llama.MODEL_TYPES:
+        config = hf_llama.config_from_transformers(meta)
+        names = [(name, name, False) for name in _stored_names(config)]
     elif meta.get("format") == FORMAT:
         config = _our_config(meta, path)
         names = [(name, name, False) for name in _stored_names(config)]
     else:
         raise ValueError(
             f"{path / CONFIG_FILE} is neither a maskedattn checkpoint (\"format\": {FORMAT!r})"
-            f" nor a transformers GPT-2 (\"model_type\": \"gpt2\"); it has format="
+            f" nor a transformers GPT-2, Llama, Qwen2 or Mistral (\"model_type\"); it has format="
             f"{meta.get('format')!r}, model_type={meta.get('model_type')!r}"
         )
-    tensors = _read_weights(path / WEIGHTS_FILE)
+    tensors = hf_files.read_shards(path)
+    if tensors is None:
+        tensors = _read_weights(path / WEIGHTS_FILE)
+    if meta.get("model_type") in hf_llama.MODEL_TYPES:
+        tensors = hf_llama.without_tied_copy(tensors, config)
+        _check_tensors(hf_llama.expected_shapes(config), tensors, path / WEIGHTS_FILE)
+        tensors = hf_llama.to_ours(tensors, config)
     if meta.get("model_type") == hf.MODEL_TYPE:
         renamed = hf.normalise_names(list(tensors), config)
         tensors = {full: tensors[name] for full, name in renamed.items()}
