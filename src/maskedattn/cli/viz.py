@@ -25,7 +25,9 @@ def add_parser(subparsers) -> None:
         "induction, previous-token, duplicate-token, first-token sink, local).",
         epilog='Example: maskedattn viz --model maskedattn-demo/model --text "ba de fi ba de"',
     )
-    p.add_argument("--model", required=True, help="a checkpoint directory (ours or GPT-2's)")
+    p.add_argument("--model", required=True,
+                   help="a checkpoint directory: ours, or any transformers causal LM (GPT-2,"
+                   " Llama, Qwen2, Mistral, Gemma, Phi, ...) with its tokenizer.json")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to run the model on")
     text.add_argument("--ids", help="token ids instead of text, comma-separated")
@@ -48,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import generate
     from ..model import GPT
     from ..viz import head_scores, plot_grid, plot_head, save_figure, write_html
+    from ..viz import hf as viz_hf
     from ..viz.capture import capture_attention
 
-    model = GPT.from_pretrained(args.model).eval()
+    hf_model = viz_hf.is_transformers_directory(args.model)
+    model = viz_hf.load_model(args.model) if hf_model else GPT.from_pretrained(args.model).eval()
     try:
         tokenizer = load(args.model)
     except FileNotFoundError:
@@ -68,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{total} tokens: capturing the last 64 query rows (use --rows to choose)")
     with torch.no_grad(), capture_attention(model, layers=args.layers, heads=args.heads,
                                                       rows=rows) as cap:
-        if args.generate:
+        if args.generate and hf_model:
+            ids = prompt + viz_hf.greedy_continuation(model, prompt, args.generate)
+        elif args.generate:
             ids = prompt + generate(model, [prompt], args.generate, temperature=0)[0]
         else:
             model(torch.tensor([prompt]))
@@ -101,5 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _label(tokenizer, token_id: int) -> str:
     """A visible label: spaces and line breaks drawn, other invisible characters escaped."""
+    if hasattr(tokenizer, "tokenizer"):  # a Hugging Face tokenizer: label its pieces as text
+        from ..viz.hf import token_label
+
+        return token_label(tokenizer, token_id)
     text = tokenizer.decode([token_id]).replace(" ", "␣").replace("\n", "↵")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "∅"

@@ -39,6 +39,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,15 @@ from .._optional import require
 from ..attention import Causal, Documents, Mask, Padding, SlidingWindow, attention
 from ..attention.masks import as_rule
 
-__all__ = ["NAME", "StructuredMask", "attention_forward", "mask_interface", "register"]
+__all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "current_key_offset",
+           "is_transformers_model", "mask_interface", "probabilities", "register",
+           "running_maskedattn"]
 
 NAME = "maskedattn"
 
 _warned: set[str] = set()
+# Position of key 0 of the call in progress, for observers (viz.capture) that place rows.
+_key_offset: ContextVar[int] = ContextVar("maskedattn_hf_key_offset", default=0)
 
 
 def register() -> str:
@@ -248,8 +253,14 @@ def attention_forward(
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
     want_probs = _wants_attentions(kwargs)
-    result = attention(query, key, value, mask, bias=bias, softcap=softcap, scale=scaling,
-                       return_lse=sinks is not None or want_probs)
+    shift = attention_mask.sdpa_kwargs["kv_offset"] if isinstance(attention_mask, StructuredMask) \
+        else 0
+    token = _key_offset.set(shift)
+    try:
+        result = attention(query, key, value, mask, bias=bias, softcap=softcap, scale=scaling,
+                           return_lse=sinks is not None or want_probs)
+    finally:
+        _key_offset.reset(token)
     out, lse = result if isinstance(result, tuple) else (result, None)
     if sinks is not None:
         # A sink is one more logit in each head's softmax, with no value: the row's total
@@ -365,3 +376,57 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwarg
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min)
     return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+# -- inspection: which modules are the layers, and running them through us ---------------------
+
+
+def current_key_offset() -> int:
+    """The position of key 0 in the attention call now running (0 outside of one)."""
+    return _key_offset.get()
+
+
+def is_transformers_model(model: object) -> bool:
+    """Whether ``model`` is a ``transformers`` model (without importing transformers)."""
+    config = getattr(model, "config", None)
+    return isinstance(model, nn.Module) and hasattr(config, "_attn_implementation")
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each decoder layer of a transformers model, in order.
+
+    transformers gives every attention module its ``layer_idx``; a model with as many of
+    them as it has layers is one we can inspect.
+    """
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if (isinstance(index, int) and type(module).__name__.endswith("Attention")
+                and index not in found):
+            found[index] = module
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    if not found or sorted(found) != list(range(len(found))) or (n is not None and len(found) != n):
+        raise TypeError(f"cannot find the {n} attention layers of this {type(model).__name__}:"
+                        f" found layer indices {sorted(found)}")
+    return [found[i] for i in range(len(found))]
+
+
+class running_maskedattn:
+    """Context manager: ``model`` runs its attention through ``"maskedattn"`` inside the block,
+    and its previous implementation after it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.previous: str | None = None
+
+    def __enter__(self) -> nn.Module:
+        self.previous = self.model.config._attn_implementation
+        if self.previous != NAME:
+            self.model.set_attn_implementation(register())
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.previous != NAME:
+            self.model.set_attn_implementation(self.previous)
