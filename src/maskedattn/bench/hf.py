@@ -29,14 +29,19 @@ from .generate import _dtype, _name
 _IMPLS = ("maskedattn", "sdpa", "eager")
 
 
-def _model(arch: str, longest: int):
+def _model(arch: str, longest: int, quick: bool = False):
     transformers = require("transformers", "the transformers benchmark")
+    # --quick: 2 layers of width 64, to check that the benchmark runs.
+    small = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2) if quick else {}
     if arch == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=longest)
+        config = transformers.LlamaConfig(**{
+            **dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),
+            **small}, max_position_embeddings=longest)
     elif arch == "gpt2":
-        config = transformers.GPT2Config(n_positions=longest)
+        config = transformers.GPT2Config(n_positions=longest, **(
+            dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4) if quick else {}))
     else:
         raise ValueError(f"--archs: unknown architecture {arch!r}; choose llama or gpt2")
     torch.manual_seed(0)
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--viz", type=int, default=0, metavar="T",
                    help="instead: time capture_attention of every row of a T-token input on"
                    " gpt2 (12 layers, 12 heads) and writing its HTML page")
-    p.add_argument("--quick", action="store_true", help="short lengths: checks it works")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models and short lengths: checks that it works")
     args = p.parse_args(argv)
     register()
     if args.viz:
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'eager':>10}{'ours/sdpa':>11}")
     gen = torch.Generator().manual_seed(1)
     for arch in args.archs.split(","):
-        base = _model(arch, max(*lengths, args.context + args.new + 1))
+        base = _model(arch, max(*lengths, args.context + args.new + 1), args.quick)
         vocab = base.config.vocab_size
         for dtype in dtypes:
             model = base.to(dtype).eval()
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 ids = torch.randint(0, vocab, (1, t), generator=gen)
                 impls = [i for i in _IMPLS if i != "eager" or t <= args.eager_max]
 
-                def prefill(ids=ids):
+                def prefill(ids=ids, model=model):
                     with torch.inference_mode():
                         model(ids, use_cache=False, logits_to_keep=1)
 
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.context:
                 prompt = torch.randint(0, vocab, (1, args.context), generator=gen)
 
-                def run(n, prompt=prompt):
+                def run(n, prompt=prompt, model=model):
                     with torch.inference_mode():
                         return model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                               max_new_tokens=n, min_new_tokens=n,
