@@ -254,3 +254,15 @@ def test_gradients_match_sdpa(saved):
         loss.backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_model(saved):
+    """Compiles, with graph breaks around our kernel until it is a torch.library operator."""
+    model = _load(saved("llama"), register())
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = torch.compile(model)(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got - want)[real].abs().max() < 1e-5

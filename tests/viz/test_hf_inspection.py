@@ -27,11 +27,15 @@ def _tiny(family: str):
         "gemma2": lambda: transformers.Gemma2Config(**small, head_dim=16, sliding_window=6),
         "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2,
                                                 n_head=4),
+        "gpt_oss": lambda: transformers.GptOssConfig(
+            **{**small, "intermediate_size": 64}, head_dim=16, num_local_experts=2,
+            num_experts_per_tok=1, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"]),
     }[family]()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_oss"])
 def test_capture_matches_eager_attentions_and_restores_the_model(family):
     model = _tiny(family)
     before = model.config._attn_implementation

@@ -49,16 +49,19 @@ from torch import Tensor, nn
 from .._optional import require
 from ..attention import Causal, Documents, Mask, Padding, SlidingWindow, attention
 from ..attention.masks import as_rule
+from ..attention.observe import watched
 
-__all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "current_key_offset",
-           "is_transformers_model", "mask_interface", "probabilities", "register",
+__all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "current_call",
+           "is_transformers_model", "mask_interface", "observed_probabilities", "probabilities",
+           "register",
            "running_maskedattn"]
 
 NAME = "maskedattn"
 
 _warned: set[str] = set()
-# Position of key 0 of the call in progress, for observers (viz.capture) that place rows.
-_key_offset: ContextVar[int] = ContextVar("maskedattn_hf_key_offset", default=0)
+# For observers of the call in progress (viz.capture): the position of key 0, and the sinks.
+_call_context: ContextVar[tuple[int, Tensor | None]] = ContextVar(
+    "maskedattn_hf_call", default=(0, None))
 
 
 def register() -> str:
@@ -255,12 +258,13 @@ def attention_forward(
     want_probs = _wants_attentions(kwargs)
     shift = attention_mask.sdpa_kwargs["kv_offset"] if isinstance(attention_mask, StructuredMask) \
         else 0
-    token = _key_offset.set(shift)
+    token = _call_context.set((shift, sinks))
     try:
+        # Observers rebuild rows from the LSE, so they get it too.
         result = attention(query, key, value, mask, bias=bias, softcap=softcap, scale=scaling,
-                           return_lse=sinks is not None or want_probs)
+                           return_lse=sinks is not None or want_probs or watched())
     finally:
-        _key_offset.reset(token)
+        _call_context.reset(token)
     out, lse = result if isinstance(result, tuple) else (result, None)
     if sinks is not None:
         # A sink is one more logit in each head's softmax, with no value: the row's total
@@ -381,9 +385,22 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwarg
 # -- inspection: which modules are the layers, and running them through us ---------------------
 
 
-def current_key_offset() -> int:
-    """The position of key 0 in the attention call now running (0 outside of one)."""
-    return _key_offset.get()
+def current_call() -> tuple[int, Tensor | None]:
+    """(position of key 0, attention sinks or None) of the attention call now running."""
+    return _call_context.get()
+
+
+def observed_probabilities(event, rows: Tensor) -> Tensor:
+    """The probabilities (B, Hq, R, Tk) of query ``rows`` of an observed call of ours, rebuilt
+    from its LSE, with the call's sinks folded in."""
+    lse = event.lse
+    _, sinks = current_call()
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float()[None, :, None])
+    call = event.call
+    bias = call.bias if isinstance(call.bias, Tensor) else None
+    return probabilities(event.q.detach(), event.k.detach(), call.rule, lse, bias=bias,
+                         softcap=call.softcap, scale=call.scale, rows=rows)
 
 
 def is_transformers_model(model: object) -> bool:

@@ -119,12 +119,17 @@ class capture_attention:
             positions = positions[torch.isin(positions, torch.tensor(self.rows))]
         if positions.numel() == 0:
             return
-        trace = attention_trace(
-            event.q.detach(), event.k.detach(), event.v.detach(), call.rule, bias=call.bias,
-            softcap=call.softcap, scale=call.scale,
-            rows=(positions - shift - call.offset).to(event.q.device),
-        )
-        probs = trace.probs[b].float().cpu()  # (H, R, Tk)
+        rows = (positions - shift - call.offset).to(event.q.device)
+        if self._hf and event.lse is not None:  # through our transformers backend
+            from ..integrations.transformers import observed_probabilities
+
+            probs = observed_probabilities(event, rows)[b].cpu()  # (H, R, Tk), from the LSE
+        else:
+            trace = attention_trace(
+                event.q.detach(), event.k.detach(), event.v.detach(), call.rule,
+                bias=call.bias, softcap=call.softcap, scale=call.scale, rows=rows,
+            )
+            probs = trace.probs[b].float().cpu()  # (H, R, Tk)
         if self.heads is not None:
             if self.heads[-1] >= probs.shape[0] or self.heads[0] < 0:
                 raise ValueError(f"heads must lie in [0, {probs.shape[0]}), got {self.heads}")
@@ -137,9 +142,9 @@ class capture_attention:
     def _key_offset(self) -> int:
         if not self._hf:
             return 0
-        from ..integrations.transformers import current_key_offset
+        from ..integrations.transformers import current_call
 
-        return current_key_offset()
+        return current_call()[0]
 
     def maps(self, tokens: Sequence[str], *, token_ids: Sequence[int] | None = None,
              generated_from: int | None = None) -> AttentionMaps:
