@@ -48,7 +48,9 @@ def test_capture_matches_eager_attentions_and_restores_the_model(family):
     with torch.no_grad():
         want = model(ids, output_attentions=True).attentions
     for layer in range(2):
-        assert (maps.probs[layer].float() - want[layer][0, :, [3, 18]]).abs().max() < 1e-5
+        rows = want[layer][0, :, [3, 18]]
+        rows = rows / rows.sum(-1, keepdim=True)  # gpt-oss's sinks take a share: maps omit it
+        assert (maps.probs[layer].float() - rows).abs().max() < 1e-5
     head_scores(maps)  # the downstream tools read these maps as they read ours
     attention_rollout(cap_full(model, ids))
 

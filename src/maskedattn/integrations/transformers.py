@@ -392,11 +392,12 @@ def current_call() -> tuple[int, Tensor | None]:
 
 def observed_probabilities(event, rows: Tensor) -> Tensor:
     """The probabilities (B, Hq, R, Tk) of query ``rows`` of an observed call of ours, rebuilt
-    from its LSE, with the call's sinks folded in."""
+    from its LSE.
+
+    With attention sinks the rows are over the tokens only (the kernel's LSE has no sink):
+    each sums to 1, as attention maps do; the sink's share is ``sigmoid(sink - lse)``.
+    """
     lse = event.lse
-    _, sinks = current_call()
-    if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.float()[None, :, None])
     call = event.call
     bias = call.bias if isinstance(call.bias, Tensor) else None
     return probabilities(event.q.detach(), event.k.detach(), call.rule, lse, bias=bias,
