@@ -51,7 +51,7 @@ from ..attention import Causal, Documents, Mask, Padding, SlidingWindow, attenti
 from ..attention.masks import as_rule
 from ..attention.observe import watched
 
-__all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "current_call",
+__all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "current_key_offset",
            "is_transformers_model", "mask_interface", "observed_probabilities", "probabilities",
            "register",
            "running_maskedattn"]
@@ -59,9 +59,8 @@ __all__ = ["NAME", "StructuredMask", "attention_forward", "attention_layers", "c
 NAME = "maskedattn"
 
 _warned: set[str] = set()
-# For observers of the call in progress (viz.capture): the position of key 0, and the sinks.
-_call_context: ContextVar[tuple[int, Tensor | None]] = ContextVar(
-    "maskedattn_hf_call", default=(0, None))
+# For observers of the call in progress (viz.capture): the position of its key 0.
+_key_offset: ContextVar[int] = ContextVar("maskedattn_hf_key_offset", default=0)
 
 
 def register() -> str:
@@ -258,13 +257,13 @@ def attention_forward(
     want_probs = _wants_attentions(kwargs)
     shift = attention_mask.sdpa_kwargs["kv_offset"] if isinstance(attention_mask, StructuredMask) \
         else 0
-    token = _call_context.set((shift, sinks))
+    token = _key_offset.set(shift)
     try:
         # Observers rebuild rows from the LSE, so they get it too.
         result = attention(query, key, value, mask, bias=bias, softcap=softcap, scale=scaling,
                            return_lse=sinks is not None or want_probs or watched())
     finally:
-        _call_context.reset(token)
+        _key_offset.reset(token)
     out, lse = result if isinstance(result, tuple) else (result, None)
     if sinks is not None:
         # A sink is one more logit in each head's softmax, with no value: the row's total
@@ -385,9 +384,9 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwarg
 # -- inspection: which modules are the layers, and running them through us ---------------------
 
 
-def current_call() -> tuple[int, Tensor | None]:
-    """(position of key 0, attention sinks or None) of the attention call now running."""
-    return _call_context.get()
+def current_key_offset() -> int:
+    """The position of key 0 in the attention call now running (0 outside of one)."""
+    return _key_offset.get()
 
 
 def observed_probabilities(event, rows: Tensor) -> Tensor:

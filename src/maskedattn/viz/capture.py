@@ -142,9 +142,9 @@ class capture_attention:
     def _key_offset(self) -> int:
         if not self._hf:
             return 0
-        from ..integrations.transformers import current_call
+        from ..integrations.transformers import current_key_offset
 
-        return current_call()[0]
+        return current_key_offset()
 
     def maps(self, tokens: Sequence[str], *, token_ids: Sequence[int] | None = None,
              generated_from: int | None = None) -> AttentionMaps:
