@@ -266,3 +266,22 @@ def test_torch_compile_of_the_model(saved):
         got = torch.compile(model)(ids, attention_mask=mask).logits
     real = mask.bool()
     assert (got - want)[real].abs().max() < 1e-5
+
+
+def test_mask_closures_we_cannot_read_run_dense():
+    """An or_masks overlay (image tokens attending both ways) becomes sdpa's dense mask."""
+    from transformers import masking_utils as mu
+
+    from maskedattn.integrations.transformers import StructuredMask, mask_interface
+
+    def image_block(batch_idx, head_idx, q_idx, kv_idx):
+        return (q_idx < 4) & (kv_idx < 4)
+
+    fn = mu.or_masks(mu.causal_mask_function, image_block)
+    got = mask_interface(batch_size=1, q_length=6, kv_length=6, mask_function=fn)
+    want = mu.sdpa_mask(batch_size=1, q_length=6, kv_length=6, mask_function=fn,
+                        allow_is_causal_skip=False)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    window = mask_interface(batch_size=1, q_length=6, kv_length=6,
+                            mask_function=mu.sliding_window_causal_mask_function(3))
+    assert isinstance(window, StructuredMask) and repr(window.spec) == "SlidingWindow(w=3)"

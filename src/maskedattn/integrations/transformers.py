@@ -138,7 +138,7 @@ def mask_interface(
         device=kwargs.get("device", "cpu"),
     )
     parts = _parts(mask_function)
-    if parts is None:
+    if parts is None or parts.get("remapped"):  # remapped positions only inside and_masks
         # A closure we cannot read: evaluate it as sdpa_mask does; it runs as a dense mask.
         return sdpa_mask(**sdpa_kwargs)
     causal = parts.get("causal", False)
@@ -352,15 +352,15 @@ def probabilities(query: Tensor, key: Tensor, mask: Mask | Tensor | None, lse: T
     scale = d**-0.5 if scale is None else scale
     rows = torch.arange(tq, device=query.device) if rows is None else rows.to(query.device)
     q = query[:, :, rows].float().unflatten(1, (hkv, hq // hkv))  # (B, Hkv, G, R, D)
-    s = (q @ key.float()[:, :, None].transpose(-1, -2)).flatten(1, 2) * scale  # (B, Hq, R, Tk)
+    # In place after the matmul: one (B, Hq, R, Tk) buffer, the memory of the rows asked.
+    s = (q @ key.float()[:, :, None].transpose(-1, -2)).flatten(1, 2).mul_(scale)
     if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+        s = s.div_(softcap).tanh_().mul_(softcap)
     if bias is not None:
-        s = s + bias.float().expand(b, hq, tq, tk)[:, :, rows]
+        s += bias.float().expand(b, hq, tq, tk)[:, :, rows]
     rule = as_rule(mask).to(query.device).fit(b, hq, tq, tk)
     visible = rule.block(rows, torch.arange(tk, device=query.device), tk - tq)
-    p = torch.exp(s - lse.float()[:, :, rows, None])
-    return p.masked_fill(~visible, 0.0)
+    return s.sub_(lse.float()[:, :, rows, None]).exp_().masked_fill_(~visible, 0.0)
 
 
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs):
