@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from maskedattn.model import GPT, GPTConfig  # noqa: E402
+from tests.integrations.hf_tokenizer import byte_bpe  # noqa: E402
 
 VOCAB = 101
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
@@ -123,23 +124,9 @@ def test_unsupported_options_raise(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-def _byte_bpe(vocab_size: int):
-    """A byte-level BPE tokenizer trained here on a few sentences (no download)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    text = ["the cat sat on the mat", "a dog ran in the park", "the end of the story"] * 20
-    tok.train_from_iterator(text, trainer)
-    return tok
-
-
 @pytest.mark.parametrize("preset", ["gpt2", "llama-style"])
 def test_pipeline_runs_on_our_export(tmp_path, preset):
-    tok = _byte_bpe(300)
+    tok = byte_bpe(300, "the cat sat on the mat. a dog ran in the park. the end.")
     vocab = tok.get_vocab_size()
     config = GPTConfig.preset(preset, vocab_size=vocab, n_layer=2, n_embd=64, n_head=4,
                               **({"n_kv_head": 2} if preset == "llama-style" else {}),

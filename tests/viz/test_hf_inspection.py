@@ -14,6 +14,7 @@ from maskedattn.cli.main import main  # noqa: E402
 from maskedattn.viz import attention_rollout, head_scores  # noqa: E402
 from maskedattn.viz.capture import capture_attention  # noqa: E402
 from maskedattn.viz.hf import token_label  # noqa: E402
+from tests.integrations.hf_tokenizer import byte_bpe  # noqa: E402
 
 VOCAB = 300
 
@@ -81,14 +82,7 @@ def test_capture_generate_through_the_cache(family):
 
 
 def _byte_bpe():
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat\nthe dog ran"] * 30, trainer)
-    return tok
+    return byte_bpe(VOCAB, "the cat sat on the mat\nthe dog ran")
 
 
 def test_labels_are_readable_text():
