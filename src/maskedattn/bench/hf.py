@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 one = _timed(model, impls, lambda: run(1), args.repeats)
                 many = _timed(model, impls, lambda: run(args.new + 1), args.repeats)
                 for kind, j in (("wall", 0), ("CPU", 1)):
-                    rate = {i: args.new / max(many[i][j] - one[i][j], 1e-9) for i in impls}
+                    # A difference of noisy times: nan where the machine's noise swamped it.
+                    rate = {i: args.new / d if (d := many[i][j] - one[i][j]) > 0
+                            else float("nan") for i in impls}
                     _row(arch, dtype, f"decode@{args.context} {kind} tok/s", rate,
                          rate["sdpa"] / rate["maskedattn"],
                          "same tokens" if same else "TOKENS DIFFER")
