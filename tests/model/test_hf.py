@@ -129,7 +129,8 @@ def test_dtype_and_bfloat16_round_trip(tmp_path):
 
 
 def test_models_gpt2_cannot_hold_refuse_to_export(tmp_path):
-    model = GPT(GPTConfig.preset("llama-style", n_layer=1, vocab_size=64))
+    # llama-style models export as Llama (tests/model/test_hf_llama.py); a GELU one has no format
+    model = GPT(GPTConfig.preset("llama-style", n_layer=1, vocab_size=64, mlp="gelu"))
     with pytest.raises(ValueError, match=r"positions='rope'.*norm='rmsnorm'"):
         model.save_pretrained(tmp_path, format="transformers")
     with pytest.raises(ValueError, match="format must be"):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._jsonfile import read_json_object
-from . import hf
+from . import hf, hf_files, hf_llama
 from .config import GPTConfig
 from .gpt import GPT
 from .safety import check_layers, read_header
@@ -32,12 +32,22 @@ WEIGHTS_FILE = "model.safetensors"
 _SHOW = 12  # names listed in an error message before "... and N more"
 
 
-def save(model: GPT, path: str | Path, *, format: str = FORMAT) -> None:
-    """Write ``model`` as a checkpoint directory, in our format or ``format="transformers"``."""
+def save(model: GPT, path: str | Path, *, format: str = FORMAT, tokenizer: Any = None) -> None:
+    """Write ``model`` as a checkpoint directory, in our format or ``format="transformers"``.
+
+    In the transformers format (GPT-2, or Llama/Qwen2/Mistral for llama-style models) the
+    directory also gets ``generation_config.json`` and, given ``tokenizer`` (a
+    ``tokenizers.Tokenizer``, our ``HFTokenizer`` or a path to a ``tokenizer.json``), the
+    tokenizer files that ``transformers.pipeline`` needs.
+    """
     state = _stored_state(model)
     if format == FORMAT:
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "config": model.config.to_dict()}
+    elif format == "transformers" and hf_llama.handles(model.config):
+        meta = hf_llama.config_to_transformers(model.config)
+        meta["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        state = hf_llama.to_transformers(state, model.config)
     elif format == "transformers":
         meta = hf.config_to_transformers(model.config)
         meta["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
@@ -49,6 +59,8 @@ def save(model: GPT, path: str | Path, *, format: str = FORMAT) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    if format == "transformers":
+        hf_files.write_companions(path, meta, tokenizer)
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -58,33 +70,46 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     path = Path(path)
     meta = _read_config(path)
     # Names and shapes only: the config is held against the file before anything is built.
-    header = read_header(path / WEIGHTS_FILE)
+    files = hf_files.shard_files(path) or [path / WEIGHTS_FILE]
+    weights = files[0] if len(files) == 1 else path / hf_files.INDEX_FILE
+    header: dict[str, Tensor] = {}
+    for file in files:
+        header.update(read_header(file))
+    llama = meta.get("model_type") in hf_llama.MODEL_TYPES
     if meta.get("model_type") == hf.MODEL_TYPE:
         config = hf.config_from_transformers(meta)
-        check_layers(config.n_layer, header, path / WEIGHTS_FILE)
         names = hf.weight_names(config)
+    elif llama:
+        config = hf_llama.config_from_transformers(meta)
+        names = [(name, name, False) for name in _stored_names(config)]
     elif meta.get("format") == FORMAT:
         config = _our_config(meta, path)
-        check_layers(config.n_layer, header, path / WEIGHTS_FILE)
         names = [(name, name, False) for name in _stored_names(config)]
     else:
         raise ValueError(
             f"{path / CONFIG_FILE} is neither a maskedattn checkpoint (\"format\": {FORMAT!r})"
-            f" nor a transformers GPT-2 (\"model_type\": \"gpt2\"); it has format="
+            f" nor a transformers GPT-2, Llama, Qwen2 or Mistral (\"model_type\"); it has format="
             f"{meta.get('format')!r}, model_type={meta.get('model_type')!r}"
         )
-    renamed = {name: name for name in header}
-    if meta.get("model_type") == hf.MODEL_TYPE:
-        renamed = hf.normalise_names(list(header), config)
+    check_layers(config.n_layer, header, weights)
     with torch.device("meta"):  # shapes only: the weights come from the file
         skeleton = GPT(config)
-    skeleton_state = skeleton.state_dict()
-    expected = {stored: _stored_shape(skeleton_state[ours].shape, conv1d)
-                for ours, stored, conv1d in names}
-    _check_tensors(expected, {full: header[name] for full, name in renamed.items()},
-                   path / WEIGHTS_FILE)
-    tensors = _read_weights(path / WEIGHTS_FILE)
-    tensors = {full: tensors[name] for full, name in renamed.items()}
+    if llama:
+        _check_tensors(hf_llama.expected_shapes(config),
+                       hf_llama.without_tied_copy(header, config), weights)
+        tensors = hf_llama.to_ours(hf_llama.without_tied_copy(_read_files(files), config),
+                                   config)
+    else:
+        renamed = {name: name for name in header}
+        if meta.get("model_type") == hf.MODEL_TYPE:
+            renamed = hf.normalise_names(list(header), config)
+        skeleton_state = skeleton.state_dict()
+        expected = {stored: _stored_shape(skeleton_state[ours].shape, conv1d)
+                    for ours, stored, conv1d in names}
+        _check_tensors(expected, {full: header[name] for full, name in renamed.items()},
+                       weights)
+        tensors = _read_files(files)
+        tensors = {full: tensors[name] for full, name in renamed.items()}
     state = {ours: tensors[stored].t() if conv1d else tensors[stored]
              for ours, stored, conv1d in names}
     dtype = dtype or state["wte.weight"].dtype
@@ -129,6 +154,13 @@ def _our_config(meta: dict[str, Any], path: Path) -> GPTConfig:
         return GPTConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path / CONFIG_FILE}: invalid config: {err}") from None
+
+
+def _read_files(files: list[Path]) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        tensors.update(_read_weights(file))
+    return tensors
 
 
 def _read_weights(file: Path) -> dict[str, Tensor]:

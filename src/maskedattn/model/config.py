@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..attention import available_backends
@@ -44,7 +44,11 @@ class GPTConfig:
     norm_eps: float = 1e-5
     positions: str = "learned"  # "learned" (GPT-2's table) or "rope" (rotary, LLaMA)
     rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    # ^ None, or transformers' rope parameters: {"rope_type": "linear" | "llama3", "factor": ...}
     bias: bool = True  # biases in every linear layer and in LayerNorm
+    qkv_bias: bool | None = None  # biases on the q, k, v projection; None: as `bias` (Qwen2: True)
+    window: int | None = None  # sliding-window attention over the last `window` positions (Mistral)
     tie_weights: bool = True  # the LM head reuses the token embedding matrix
     init_std: float = 0.02
     attn_backend: str = "auto"  # passed to maskedattn.attention(backend=...)
@@ -90,7 +94,15 @@ class GPTConfig:
                     or not math.isfinite(value):
                 raise ValueError(f"GPTConfig: {name} must be a positive number, finite, got"
                                  f" {value!r}")
-        for name in ("bias", "tie_weights"):
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+        if self.window is not None:
+            _check_positive_int("window", self.window)
+        if self.rope_scaling is not None:
+            from .rope import check_scaling
+
+            check_scaling(self.rope_scaling)
+        for name in ("bias", "qkv_bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig: {name} must be True or False, got"
                                 f" {getattr(self, name)!r}")

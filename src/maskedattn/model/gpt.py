@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import Causal, DenseMask, Documents, Padding
+from ..attention import Causal, DenseMask, Documents, Padding, SlidingWindow
 from ..attention.kv_cache import KVCache
 from .config import GPTConfig
 from .layers import Block, Linear, Positions, make_norm, rope_tables
@@ -154,10 +154,29 @@ class GPT(nn.Module):
                 else:
                     keys = torch.arange(n_keys, device=device)
                     mask = DenseMask(keys <= index[:, None, :, None])  # (B, 1, T, n_keys)
+        if self.config.window is not None:
+            mask = self._windowed(mask, index, n_keys, cache is not None)
         rope = None
         if self.config.positions == "rope":
-            rope = rope_tables(index, self.config.head_dim, self.config.rope_base)
+            rope = rope_tables(index, self.config.head_dim, self.config.rope_base,
+                               self.config.rope_scaling)
         return Positions(index, mask, n_keys, rope)
+
+    def _windowed(self, mask, index: Tensor, n_keys: int, cached: bool):
+        """``mask`` narrowed to the config's sliding window.
+
+        The window is measured from each query's own position. The kernels place the queries
+        at the end of the keys, which holds for every row unless cached rows differ in length:
+        those get the window written out densely.
+        """
+        window = SlidingWindow(self.config.window)
+        # Traced, the cache is attended whole (queries are not at the end of its keys).
+        if cached and (torch.compiler.is_compiling() or (index.shape[0] > 1
+                       and not bool((index[:, -1] == index[0, -1]).all()))):
+            keys = torch.arange(n_keys, device=index.device)
+            query = index[:, None, :, None]
+            return DenseMask((keys <= query) & (query - keys < self.config.window))
+        return window if mask is None else mask & window
 
     def _check_tokens(self, tokens: Tensor) -> None:
         if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point \
@@ -216,7 +235,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> GPT:
-        """Load a checkpoint directory: ours or a ``transformers`` GPT-2 (detected).
+        """Load a checkpoint directory: ours, or a ``transformers`` GPT-2, Llama, Qwen2 or
+        Mistral (detected; sharded weights too).
 
         ``dtype`` defaults to the dtype stored in the checkpoint.
         """
@@ -224,12 +244,15 @@ class GPT(nn.Module):
 
         return load(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, *, format: str = "maskedattn") -> None:
+    def save_pretrained(self, path: str | Path, *, format: str = "maskedattn",
+                        tokenizer=None) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the directory ``path``.
 
-        ``format="transformers"`` writes a GPT-2 directory that
-        ``transformers.GPT2LMHeadModel.from_pretrained`` loads (GPT-2 architectures only).
+        ``format="transformers"`` writes a directory that ``transformers``' AutoModelForCausalLM
+        loads: GPT-2, or Llama / Qwen2 / Mistral for llama-style models; with ``tokenizer``
+        (a ``tokenizers.Tokenizer``, our ``HFTokenizer`` or a tokenizer.json path) also the
+        tokenizer files, so ``pipeline("text-generation", model=path)`` runs on it.
         """
         from .checkpoint import save
 
-        save(self, path, format=format)
+        save(self, path, format=format, tokenizer=tokenizer)

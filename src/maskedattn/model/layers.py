@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..attention import Mask, attention
 from ..attention.kv_cache import KVCache
-from . import cpu_linear, gemv
+from . import cpu_linear, gemv, rope
 from .config import GPTConfig
 
 __all__ = ["Block", "CausalSelfAttention", "FeedForward", "Linear", "Positions", "RMSNorm",
@@ -60,15 +60,16 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+def rope_tables(positions: Tensor, head_dim: int, base: float,
+                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles for tokens at ``positions`` (Bp, T), each (Bp, 1, T, D/2).
 
     Pair i of a head (dimensions i and i + D/2) turns by ``position * base^(-2i/D)``: fast
     for the first pairs, slow for the last, so q·k depends on the distance between tokens.
+    ``scaling`` rescales those frequencies for long-context checkpoints (see :mod:`.rope`).
     Computed in float32 on the fly, so that casting the model never rounds the angles.
     """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device,
-                                      dtype=torch.float32) / head_dim)
+    inv_freq = rope.inv_freq(head_dim, base, scaling, positions.device)
     angles = positions[:, None, :, None].float() * inv_freq
     return angles.cos(), angles.sin()
 
@@ -103,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         self.backend = config.attn_backend
         kv_width = self.n_kv_head * self.head_dim
         # One matrix for q, k and v: one matmul instead of three.
-        self.qkv = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
+        self.qkv = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.qkv_bias)
         self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: Tensor, pos: Positions, cache: KVCache | None = None) -> Tensor:

@@ -37,7 +37,9 @@ class capture_attention:
     """Context manager recording the attention probabilities of ``model``'s layers.
 
     Args:
-        model: a :class:`~maskedattn.model.GPT` (anything with ``blocks[i].attn``).
+        model: a :class:`~maskedattn.model.GPT` (anything with ``blocks[i].attn``), or a
+            ``transformers`` causal LM: inside the block it runs its attention through the
+            ``"maskedattn"`` backend (:mod:`maskedattn.integrations.transformers`).
         layers: which layers to record (default: all).
         heads: which query heads to record (default: all).
         rows: which query positions to record (default: all); for long inputs give a few.
@@ -48,9 +50,18 @@ class capture_attention:
                  heads: Sequence[int] | None = None,
                  rows: Sequence[int] | Tensor | None = None, batch_index: int = 0) -> None:
         blocks = getattr(model, "blocks", None)
-        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
-            raise TypeError("capture_attention needs a model with blocks[i].attn (a GPT)")
-        n = len(blocks)
+        if blocks is not None and all(hasattr(b, "attn") for b in blocks):
+            self._attn = [b.attn for b in blocks]
+            self._hf = False
+        else:
+            from ..integrations import transformers as hf
+
+            if not hf.is_transformers_model(model):
+                raise TypeError("capture_attention needs a model with blocks[i].attn (a GPT) or"
+                                f" a transformers model, got {type(model).__name__}")
+            self._attn = hf.attention_layers(model)
+            self._hf = True
+        n = len(self._attn)
         self.layers = list(range(n)) if layers is None else sorted(set(layers))
         if any(not 0 <= i < n for i in self.layers):
             raise ValueError(f"layers must lie in [0, {n}), got {list(layers)}")
@@ -66,10 +77,14 @@ class capture_attention:
 
     def __enter__(self) -> capture_attention:
         stack = ExitStack()
-        for i, block in enumerate(self._model.blocks):
+        if self._hf:
+            from ..integrations.transformers import running_maskedattn
+
+            stack.enter_context(running_maskedattn(self._model))
+        for i, attn in enumerate(self._attn):
             if i in self.layers:
-                stack.callback(block.attn.register_forward_pre_hook(self._enter_layer(i)).remove)
-                stack.callback(block.attn.register_forward_hook(self._leave_layer).remove)
+                stack.callback(attn.register_forward_pre_hook(self._enter_layer(i)).remove)
+                stack.callback(attn.register_forward_hook(self._leave_layer).remove)
         stack.enter_context(observe_attention(self._record))
         self._stack = stack
         return self
@@ -96,17 +111,25 @@ class capture_attention:
         b = self.batch_index
         if not 0 <= b < call.batch:
             raise ValueError(f"batch_index {b} is outside the batch of {call.batch}")
-        positions = torch.arange(call.offset, call.k_len)
+        # Key 0 of the call sits at position `shift` (a transformers sliding-window cache keeps
+        # only the last keys); ours always start at 0.
+        shift = self._key_offset()
+        positions = torch.arange(call.offset, call.k_len) + shift
         if self.rows is not None:
             positions = positions[torch.isin(positions, torch.tensor(self.rows))]
         if positions.numel() == 0:
             return
-        trace = attention_trace(
-            event.q.detach(), event.k.detach(), event.v.detach(), call.rule, bias=call.bias,
-            softcap=call.softcap, scale=call.scale,
-            rows=(positions - call.offset).to(event.q.device),
-        )
-        probs = trace.probs[b].float().cpu()  # (H, R, Tk)
+        rows = (positions - shift - call.offset).to(event.q.device)
+        if self._hf and event.lse is not None:  # through our transformers backend
+            from ..integrations.transformers import observed_probabilities
+
+            probs = observed_probabilities(event, rows)[b].cpu()  # (H, R, Tk), from the LSE
+        else:
+            trace = attention_trace(
+                event.q.detach(), event.k.detach(), event.v.detach(), call.rule,
+                bias=call.bias, softcap=call.softcap, scale=call.scale, rows=rows,
+            )
+            probs = trace.probs[b].float().cpu()  # (H, R, Tk)
         if self.heads is not None:
             if self.heads[-1] >= probs.shape[0] or self.heads[0] < 0:
                 raise ValueError(f"heads must lie in [0, {probs.shape[0]}), got {self.heads}")
@@ -114,7 +137,14 @@ class capture_attention:
         store = torch.float16 if call.k_len > _HALF_ABOVE else torch.float32
         recorded = self._recorded[layer]
         for r, pos in enumerate(positions.tolist()):
-            recorded[pos] = probs[:, r].to(store)
+            recorded[pos] = torch.nn.functional.pad(probs[:, r], (shift, 0)).to(store)
+
+    def _key_offset(self) -> int:
+        if not self._hf:
+            return 0
+        from ..integrations.transformers import current_key_offset
+
+        return current_key_offset()
 
     def maps(self, tokens: Sequence[str], *, token_ids: Sequence[int] | None = None,
              generated_from: int | None = None) -> AttentionMaps:

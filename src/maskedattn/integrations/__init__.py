@@ -1,0 +1,1 @@
+"""Bridges to other libraries' extension points (imported on demand, never by the core)."""
