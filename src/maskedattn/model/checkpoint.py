@@ -78,20 +78,21 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     llama = meta.get("model_type") in hf_llama.MODEL_TYPES
     if meta.get("model_type") == hf.MODEL_TYPE:
         config = hf.config_from_transformers(meta)
-        names = hf.weight_names(config)
     elif llama:
         config = hf_llama.config_from_transformers(meta)
-        names = [(name, name, False) for name in _stored_names(config)]
     elif meta.get("format") == FORMAT:
         config = _our_config(meta, path)
-        names = [(name, name, False) for name in _stored_names(config)]
     else:
         raise ValueError(
             f"{path / CONFIG_FILE} is neither a maskedattn checkpoint (\"format\": {FORMAT!r})"
             f" nor a transformers GPT-2, Llama, Qwen2 or Mistral (\"model_type\"); it has format="
             f"{meta.get('format')!r}, model_type={meta.get('model_type')!r}"
         )
-    check_layers(config.n_layer, header, weights)
+    check_layers(config.n_layer, header, weights)  # before any module is built
+    if meta.get("model_type") == hf.MODEL_TYPE:
+        names = hf.weight_names(config)
+    else:
+        names = [(name, name, False) for name in _stored_names(config)]
     with torch.device("meta"):  # shapes only: the weights come from the file
         skeleton = GPT(config)
     if llama:
