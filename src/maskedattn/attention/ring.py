@@ -139,7 +139,7 @@ def shard(x: Tensor, dim: int, *, group=None, layout: str = "zigzag") -> Tensor:
 def gather(x: Tensor, dim: int, *, group=None, layout: str = "zigzag",
            seq_len: int | None = None) -> Tensor:
     """The whole sequence from every rank's part (the inverse of :func:`shard`; no autograd)."""
-    rank, world = _group_info(group)
+    _, world = _group_info(group)
     x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(pieces, x, group=group)
@@ -155,7 +155,7 @@ def gather(x: Tensor, dim: int, *, group=None, layout: str = "zigzag",
 
 def positions(seq_len: int, *, group=None, layout: str = "zigzag",
               device: torch.device | None = None) -> Tensor:
-    """The global position of each of this rank's tokens, shape (T_local,) (for RoPE, embeddings)."""
+    """The global position of each of this rank's tokens, (T_local,): for RoPE and embeddings."""
     return shard(torch.arange(seq_len, device=device), 0, group=group, layout=layout)
 
 
@@ -285,9 +285,8 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tup
     elif kind == TileKind.FULL and plan.bias is None:
         bias = None
     else:
-        if qc < kc:  # queries before keys (non-causal): only a key limit, and documents
-            if rule.prefix is not None:
-                lengths = torch.minimum(lengths, torch.tensor(rule.prefix - kb)) \
+        if qc < kc and rule.prefix is not None:  # queries before keys: only the prefix is read
+            lengths = torch.minimum(lengths, torch.tensor(rule.prefix - kb)) \
                     if lengths is not None else torch.tensor([rule.prefix - kb])
         framed = plan.bias is not None or (
             kind != TileKind.FULL and (qc > kc or rule.documents is not None))
