@@ -62,11 +62,16 @@ def _case(rank, world, t, mask_name, layout, hq=2, hkv=2, alibi=False, softcap=N
                             f" {err:.3g} > {tol:.3g}")
 
 
-def _all_masks(rank, world, lengths, layouts):
+def _all_masks(rank, world, lengths, layouts, names=None):
     for t in lengths:
         for layout in layouts:
-            for name in _masks(t, 2):
+            for name in names or _masks(t, 2):
                 _case(rank, world, t, name, layout)
+
+
+def _two_ranks(rank, world):
+    _all_masks(rank, world, (113,), ("zigzag",))  # 113: padded to 116
+    _all_masks(rank, world, (24,), ("contiguous",))
 
 
 def _features(rank, world):
@@ -78,15 +83,15 @@ def _features(rank, world):
 
 
 def test_every_mask_two_ranks_odd_length() -> None:
-    run_ranks(_all_masks, 2, (24, 113), ("zigzag", "contiguous"))
+    run_ranks(_two_ranks, 2)
 
 
 def test_features_two_ranks() -> None:
     run_ranks(_features, 2)
 
 
-def test_every_mask_four_ranks() -> None:
-    run_ranks(_all_masks, 4, (35,), ("zigzag",))
+def test_masks_four_ranks() -> None:
+    run_ranks(_all_masks, 4, (35,), ("zigzag",), ("causal", "window", "prefix", "documents"))
 
 
 @pytest.mark.slow

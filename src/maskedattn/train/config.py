@@ -40,12 +40,15 @@ class TrainConfig:
     keep: int = _opt(3, "checkpoints to keep")
     seed: int = _opt(0, "seed of the initialisation and of the batches")
     log_every: int = _opt(10, "steps between lines of metrics.jsonl")
+    context_parallel: int = _opt(1, "split each sequence over this many processes (ring"
+                                 " attention); the world is data x context parallel")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state (FSDP2)")
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.task is None):
             raise ValueError("give exactly one of --data (a prepared corpus) or --task")
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                    "log_every", "task_size")
+                    "log_every", "task_size", "context_parallel")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got"
