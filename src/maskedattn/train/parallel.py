@@ -163,12 +163,14 @@ def wrap(model: GPT, optimizer: torch.optim.Optimizer, grid: Grid, world: int,
         )
         from torch.distributed.fsdp import fully_shard
 
-        state = get_optimizer_state_dict(model, optimizer)  # keyed by parameter names
+        # Keyed by parameter names. Asked only of a resumed optimizer: on a fresh one the call
+        # would initialise the state (a step of zero gradients, step counts 1).
+        state = get_optimizer_state_dict(model, optimizer) if optimizer.state else None
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
         optimizer = make_optimizer(model)
-        if state["state"]:
+        if state is not None:
             set_optimizer_state_dict(model, optimizer, state,
                                      options=StateDictOptions(full_state_dict=True))
     if grid.cp > 1:
