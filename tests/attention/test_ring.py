@@ -80,6 +80,35 @@ def _features(rank, world):
     _case(rank, world, t, "causal", "zigzag", alibi=True)
     _case(rank, world, t, "window", "contiguous", alibi=True, softcap=2.0)
     _case(rank, world, t, "documents", "zigzag", hq=4, hkv=1, softcap=5.0)
+    x = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="dense masks are not positional"):
+        ring.ring_attention(x, x, x, torch.ones(16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Alibi is served only"):
+        ring.ring_attention(x, x, x, None, bias=Alibi(torch.ones(2)))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        ring.ring_attention(x[:, :, :7], x[:, :, :7], x[:, :, :7], Causal())
+
+
+def _skipping(rank, world):
+    """Blocks nobody reads are neither computed nor sent."""
+    x = torch.randn(1, 2, 16, 4)  # T = 64, contiguous chunks of 16
+    stats = ring.RingStats()
+    ring.ring_attention(x, x, x, SlidingWindow(8), layout="contiguous", stats=stats)
+    assert stats.steps == [2]  # each block goes one hop: the next rank's window reaches it
+    assert stats.bytes_sent == (0 if rank == world - 1 else 2 * x.numel() * 4)
+    stats = ring.RingStats()
+    ring.ring_attention(x, x, x, Causal(), layout="contiguous", stats=stats)
+    assert stats.pairs_computed == rank + 1  # the diagonal and every block before it
+    # Rank r passes on its own block and those before it; nothing wraps round to rank 0.
+    assert stats.bytes_sent == (0 if rank == world - 1 else (rank + 1) * 2 * x.numel() * 4)
+    stats = ring.RingStats()
+    ring.ring_attention(x, x, x, Causal(), layout="zigzag", stats=stats)
+    assert stats.pairs_computed == 3 + 2 * (world - 1)  # balanced: the same on every rank
+
+
+def _four_ranks(rank, world):
+    _all_masks(rank, world, (35,), ("zigzag",), ("causal", "window", "prefix", "documents"))
+    _skipping(rank, world)
 
 
 def test_every_mask_two_ranks_odd_length() -> None:
@@ -91,7 +120,7 @@ def test_features_two_ranks() -> None:
 
 
 def test_masks_four_ranks() -> None:
-    run_ranks(_all_masks, 4, (35,), ("zigzag",), ("causal", "window", "prefix", "documents"))
+    run_ranks(_four_ranks, 4)
 
 
 @pytest.mark.slow
