@@ -46,6 +46,7 @@ and ``seq_len=`` tells :func:`ring_attention` to hide the padded keys; :func:`ga
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def positions(seq_len: int, *, group=None, layout: str = "zigzag",
 # -- the plan: which chunk pairs are read, which blocks travel --------------------------------
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Plan:
     group: object
     rank: int
@@ -183,10 +184,14 @@ class _Plan:
                    for qc in chunks_of(dst, self.world, self.layout)
                    for kc in chunks_of(src, self.world, self.layout))
 
+    @functools.cached_property
+    def _last_steps(self) -> list[int]:
+        return [max((t for t in range(self.world) if self.reads((src + t) % self.world, src)),
+                    default=0) for src in range(self.world)]
+
     def last_step(self, src: int) -> int:
         """The last ring step at which a rank reads the block of ``src`` (0: only its owner)."""
-        return max((t for t in range(self.world)
-                    if self.reads((src + t) % self.world, src)), default=0)
+        return self._last_steps[src]
 
     def forwards(self, src: int, step: int) -> bool:
         """Whether the holder of ``src``'s block at ``step`` sends it on to the next rank."""
@@ -194,7 +199,7 @@ class _Plan:
 
     @property
     def steps(self) -> int:
-        return 1 + max(self.last_step(src) for src in range(self.world))
+        return 1 + max(self._last_steps)
 
     def peer(self, r: int) -> int:
         """The global rank of rank ``r`` of the group (what point-to-point messages name)."""
