@@ -100,8 +100,12 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = p.parse_args()
+    # glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap, so
+    # peak RSS would measure its high-water mark, not live tensors: above 1 MiB, map and unmap.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     print(f"T={args.seq_len} B=1 H={args.heads} D={args.head_dim} float32, causal, zigzag;"
-          f" {args.threads} thread(s) per rank")
+          f" {args.threads} thread(s) per rank;"
+          f" MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}")
     print("ranks | activations MiB/rank (max) | ratio to 1 | wall s | compute s/rank |"
           " waiting s/rank | comm alone s/rank | hidden")
     first = None

@@ -355,8 +355,8 @@ class _Messages:
         if self.plan.stats is not None:
             self.plan.stats.bytes_sent += t.numel() * t.element_size()
 
-    def recv(self, like: Tensor, frm: int, tag: int) -> Tensor:
-        t = torch.empty_like(like)
+    def recv(self, like: Tensor, frm: int, tag: int, dtype: torch.dtype | None = None) -> Tensor:
+        t = torch.empty_like(like, dtype=dtype)
         self.ops.append(dist.P2POp(dist.irecv, t, self.plan.peer(frm), self.plan.group, tag))
         return t
 
@@ -449,35 +449,36 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(q, dtype=torch.float32)
         dqs = _slices(dq, m)
         like = (k.contiguous(), v.contiguous())
-        zeros = (torch.zeros_like(like[0], dtype=torch.float32),
-                 torch.zeros_like(like[1], dtype=torch.float32))
         held: tuple[Tensor, ...] | None = like
         pending: list[_Messages] = []  # gradients sent on, waited for one step later
         home = None
-        mine_dkv = zeros
+        mine_dkv = tuple(torch.zeros_like(t, dtype=torch.float32) for t in like)
         for step in range(plan.steps):
             src = (r - step) % n
             if step == plan.last_step(r) and step > 0:
                 # This rank's own finished gradient arrives after the last reader's step.
                 home = _Messages(plan)
-                mine_dkv = tuple(home.recv(z, (r + step) % n, _HOME) for z in zeros)
+                mine_dkv = tuple(home.recv(t, (r + step) % n, _HOME, torch.float32)
+                                 for t in like)
                 home.start()
             # The gradient of the block arriving now, summed by the ranks before; posted
             # before the next block's messages, in the order the sender sent them.
             acc = None
             if step > 0 and held is not None:
                 acc = _Messages(plan)
-                acc_in = tuple(acc.recv(z, (r - 1) % n, _GRAD) for z in zeros)
+                acc_in = tuple(acc.recv(t, (r - 1) % n, _GRAD, torch.float32) for t in like)
                 acc.start()
             msgs, incoming = _pass_block(plan, step, held, like)
             if held is not None:
-                dkv = (torch.zeros_like(zeros[0]), torch.zeros_like(zeros[1]))
+                dkv = tuple(torch.zeros_like(t, dtype=torch.float32) for t in like)
                 if plan.reads(r, src):
                     with _timed(plan):
                         _pair_grads(plan, qs, outs, lses, d_outs, dqs, held, dkv, mine, src)
                 if acc is not None:
                     acc.wait()
-                    dkv = (dkv[0] + acc_in[0], dkv[1] + acc_in[1])
+                    for mine, theirs in zip(dkv, acc_in, strict=True):
+                        mine.add_(theirs)
+                    del acc_in
                 for p in pending:
                     p.wait()
                 pending = []
