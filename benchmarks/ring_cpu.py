@@ -65,18 +65,22 @@ def _rank(rank: int, world: int, port: int, args, out_dir: str) -> None:
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     stats = RingStats()
     dist.barrier()
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = u0.ru_utime + u0.ru_stime
     t0 = time.perf_counter()
     out = ring_attention(q, k, v, Causal(), stats=stats)
     t_fwd = time.perf_counter() - t0
     out.backward(do)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime - cpu0  # what the machine's load cannot inflate
     comm = _comm_alone(k.detach(), v.detach(), 5) if world > 1 else 0.0
     # Messages per step: k and v (forward), k, v and their gradients (backward).
     block_bytes = 2 * k.numel() * k.element_size()
     expected = comm * stats.bytes_sent / block_bytes if world > 1 else 0.0
     record = {"rank": rank, "world": world, "seq_len": t, "base_mib": base, "peak_mib": peak,
-              "activations_mib": peak - base, "forward_s": t_fwd, "wall_s": wall,
+              "activations_mib": peak - base, "forward_s": t_fwd, "wall_s": wall, "cpu_s": cpu,
               "compute_s": stats.compute_s, "wait_s": stats.wait_s,
               "bytes_sent": stats.bytes_sent, "comm_alone_s": expected,
               "pairs": stats.pairs_computed, "skipped": stats.pairs_skipped}
@@ -106,8 +110,8 @@ def main() -> None:
     print(f"T={args.seq_len} B=1 H={args.heads} D={args.head_dim} float32, causal, zigzag;"
           f" {args.threads} thread(s) per rank;"
           f" MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}")
-    print("ranks | activations MiB/rank (max) | ratio to 1 | wall s | compute s/rank |"
-          " waiting s/rank | comm alone s/rank | hidden")
+    print("ranks | activations MiB/rank (max) | ratio to first | wall s | CPU s, all ranks |"
+          " compute s/rank | waiting s/rank | comm alone s/rank | hidden")
     first = None
     for world in args.ranks:
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,11 +121,12 @@ def main() -> None:
         act = max(r["activations_mib"] for r in recs)
         first = first or act
         wall = max(r["wall_s"] for r in recs)
+        cpu = sum(r["cpu_s"] for r in recs)
         compute = sum(r["compute_s"] for r in recs) / world
         wait = sum(r["wait_s"] for r in recs) / world
         alone = sum(r["comm_alone_s"] for r in recs) / world
         hidden = f"{max(0.0, 1 - wait / alone):.0%}" if alone > 0 else "-"
-        print(f"{world} | {act:.0f} | {act / first:.2f} | {wall:.1f} | {compute:.1f} |"
+        print(f"{world} | {act:.0f} | {act / first:.2f} | {wall:.1f} | {cpu:.1f} | {compute:.1f} |"
               f" {wait:.2f} | {alone:.2f} | {hidden}")
         print("   ", json.dumps(recs))
 
