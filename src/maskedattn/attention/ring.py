@@ -476,8 +476,8 @@ class _RingAttention(torch.autograd.Function):
                         _pair_grads(plan, qs, outs, lses, d_outs, dqs, held, dkv, mine, src)
                 if acc is not None:
                     acc.wait()
-                    for mine, theirs in zip(dkv, acc_in, strict=True):
-                        mine.add_(theirs)
+                    for ours, theirs in zip(dkv, acc_in, strict=True):
+                        ours.add_(theirs)
                     del acc_in
                 for p in pending:
                     p.wait()
