@@ -227,10 +227,10 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             # (DDP averages gradients over ranks, hence the factor world.)
             share = int((part.targets != IGNORE).sum()) / batch.scored
             # gradients cross ranks on the last micro-batch only
-            sync = parallel.no_sync(wrapped, i == config.grad_accum - 1)
-            with sync, _autocast(config, dist.device):
+            last = i == config.grad_accum - 1
+            with parallel.no_sync(wrapped, last), _autocast(config, dist.device):
                 loss = _forward(wrapped, part, dist.device).loss.nan_to_num() * share
-            with sync:
+            with parallel.no_sync(wrapped, last):  # a context manager enters once
                 (loss * dist.world).backward()
             loss_sum += loss.item()
         norm = parallel.clip_grad_norm(model, config.grad_clip)
