@@ -47,7 +47,8 @@ def straight(tmp_path_factory) -> Path:
 
 def test_context_parallel_equals_one_process_and_resumes_on_one(straight, tmp_path) -> None:
     cp = tmp_path / "cp"
-    torchrun(2, *ARGS, "--context-parallel", "2", "--out", str(cp))
+    # Two micro-batches as well: DDP's no_sync on the first (the same global batch).
+    torchrun(2, *ARGS, "--context-parallel", "2", "--grad-accum", "2", "--out", str(cp))
     assert_same_losses(losses(cp), losses(straight), [1, 2, 3, 4])
     # The same checkpoint format: from_pretrained reads it, weights equal the one-process run's.
     ours, theirs = (GPT.from_pretrained(d / "step-000004") for d in (cp, straight))
