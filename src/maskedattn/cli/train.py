@@ -36,7 +36,9 @@ def add_parser(subparsers) -> None:
         description="Train a GPT with AdamW, warmup + cosine decay, clipping and periodic "
         "evaluation. Checkpoints go to --out/step-NNNNNN/ (written atomically); --resume "
         "continues a killed run exactly. Under `torchrun --nproc_per_node=N -m maskedattn "
-        "train ...` each process takes a slice of every batch (DistributedDataParallel).",
+        "train ...` each process takes a slice of every batch (DistributedDataParallel); "
+        "--context-parallel C splits each sequence over C of them (ring attention) and --fsdp "
+        "shards the model (FSDP2). A run resumes on any number of processes.",
         epilog="Examples:\n  maskedattn train --task induction --steps 300 --out runs/ind\n"
         "  maskedattn train --data corpus/ --preset tiny --n-layer 6 --out runs/lm\n"
         "  maskedattn train --task induction --steps 600 --track-heads --no-progress\n"
@@ -96,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
     # A resumed run keeps its own settings; the other flags are for new runs.
     config = None if args.resume else config_from_args(args)
-    result = train(config, resume=args.resume, progress="lines" if args.no_progress else "bar")
+    # The processes' layout belongs to this launch, not to the run: a resume may change it.
+    layout = {"context_parallel": args.context_parallel, "fsdp": args.fsdp} \
+        if args.resume else None
+    result = train(config, resume=args.resume, progress="lines" if args.no_progress else "bar",
+                   layout=layout)
     if result.checkpoint is not None:
         out = result.checkpoint.parent
         print(f"checkpoint: {result.checkpoint}")

@@ -38,7 +38,7 @@ def _integer(config, name: str, low: int, high: int | None = None) -> int:
 def check_numbers(config) -> None:
     """Raise ``ValueError`` naming the flag of the first number of ``config`` out of range."""
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                 "log_every", "task_size", "keep"):
+                 "log_every", "task_size", "keep", "context_parallel"):
         _integer(config, name, 1)
     if config.seq_len is not None:
         _integer(config, "seq_len", 1)

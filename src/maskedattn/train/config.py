@@ -47,6 +47,9 @@ class TrainConfig:
                              " metrics.jsonl, and draw them in heads.png")
     tensorboard: bool = _opt(False, "also write TensorBoard logs to OUT/tensorboard (needs the"
                              " tensorboard package)")
+    context_parallel: int = _opt(1, "split each sequence over this many processes (ring"
+                                 " attention); the world is data x context parallel")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state (FSDP2)")
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.task is None):

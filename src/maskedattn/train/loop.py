@@ -9,6 +9,7 @@ and the random generators come back exactly, so the resumed run computes the sam
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -19,13 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data.shards import TokenShards, read_manifest
 from ..data.tasks import IGNORE, make_task
 from ..data.tokenizer import load as load_tokenizer
 from ..model import GPT, GPTConfig
 from . import checkpoint as ckpt
+from . import parallel
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
 from .evaluation import evaluate_batch
@@ -152,7 +153,8 @@ def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.dev
 
 def train(config: TrainConfig | None, *, resume: str | Path | None = None,
           progress: bool | str = True, tokenizer_dir: str | Path | None = None,
-          on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, dict], None] | None = None,
+          layout: dict | None = None) -> TrainResult:
     """Train a GPT as ``config`` says, or continue the run at ``resume``.
 
     ``resume`` is a run directory (its newest checkpoint is used) or a checkpoint directory;
@@ -164,16 +166,19 @@ def train(config: TrainConfig | None, *, resume: str | Path | None = None,
 
     ``tokenizer_dir`` holds the tokenizer saved into every checkpoint (for a corpus, the one
     ``maskedattn prepare`` wrote there, used by default).
+
+    ``layout`` (with ``resume``): ``context_parallel`` and ``fsdp`` for this launch, which may
+    differ from the saved run's, as may the number of processes.
     """
     dist = setup_distributed()
     try:
-        return _train(config, dist, resume, progress, tokenizer_dir, on_eval)
+        return _train(config, dist, resume, progress, tokenizer_dir, on_eval, layout)
     finally:
         dist.close()
 
 
 def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_dir,
-           on_eval) -> TrainResult:
+           on_eval, layout=None) -> TrainResult:
     state: dict = {}
     if (config is None) == (resume is None):
         raise ValueError("give either a TrainConfig for a new run or resume=DIR, not both")
@@ -181,11 +186,13 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
         start_dir = ckpt.find_latest(Path(resume))
         state = ckpt.read_json(start_dir / ckpt.TRAINER_STATE)
         saved = TrainConfig.from_json(state.get("train_config", {}))
-        config = replace(saved, out=str(start_dir.parent))
+        config = replace(saved, out=str(start_dir.parent), **(layout or {}))
     out = Path(config.out)
-    if config.batch_size % (dist.world * config.grad_accum):
+    grid = parallel.Grid.of(dist, config.context_parallel, config.fsdp)
+    if config.batch_size % (grid.dp * config.grad_accum):
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the number of"
-                         f" processes ({dist.world}) times --grad-accum ({config.grad_accum})")
+                         f" data-parallel processes ({grid.dp}) times --grad-accum"
+                         f" ({config.grad_accum})")
     if tokenizer_dir is None:
         tokenizer_dir = start_dir if resume is not None else config.data
     torch.manual_seed(config.seed)
@@ -206,7 +213,9 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
         data_gen.set_state(rng["data"])
         torch.set_rng_state(rng["torch"])
         step = int(state["step"])
-    wrapped = DistributedDataParallel(model) if dist.world > 1 else model
+    remake = functools.partial(make_optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                               betas=(config.beta1, config.beta2))
+    wrapped, optimizer = parallel.wrap(model, optimizer, grid, dist.world, remake)
 
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume is not None else None) \
         if dist.is_main else None
@@ -224,9 +233,9 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
                            total=config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = source.sample(config.batch_size, data_gen, dist.rows(config.batch_size))
+        batch = source.sample(config.batch_size, data_gen, grid.rows(config.batch_size))
         loss_sum = 0.0
-        per_rank = micro // dist.world
+        per_rank = micro // grid.dp
         for i in range(config.grad_accum):
             part = _Batch(*(None if t is None else t[i * per_rank:(i + 1) * per_rank]
                             for t in (batch.tokens, batch.targets, batch.documents)))
@@ -234,14 +243,14 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             # the targets fall into micro-batches and ranks: each part weighs by its share.
             # (DDP averages gradients over ranks, hence the factor world.)
             share = int((part.targets != IGNORE).sum()) / batch.scored
-            sync = contextlib.nullcontext() if i == config.grad_accum - 1 or dist.world == 1 \
-                else wrapped.no_sync()  # gradients cross ranks on the last micro-batch only
-            with sync, _autocast(config, dist.device):
+            # gradients cross ranks on the last micro-batch only
+            last = i == config.grad_accum - 1
+            with parallel.no_sync(wrapped, last), _autocast(config, dist.device):
                 loss = _forward(wrapped, part, dist.device).loss * share  # NaN: see below
-            with sync:
+            with parallel.no_sync(wrapped, last):  # a context manager enters once
                 (loss * dist.world).backward()
             loss_sum += loss.item()
-        norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        norm = parallel.clip_grad_norm(model, config.grad_clip)
         loss_value = dist.sum(loss_sum)
         check_step(step + 1, loss_value, float(norm), lr, last_ckpt)
         optimizer.step()
@@ -265,10 +274,10 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
             check_weights(model, step)  # on every rank, before anything is written
             metrics = evaluate(model, source, config, dist.device)
             metrics.update(watch.measure(model, step, metrics))  # bits, time; --track-heads
+            saved = parallel.full_state(model, optimizer, grid, dist.is_main, remake)
             if dist.is_main:
                 log.write({"step": step, **metrics})
-                last_ckpt = _save(out, step, model, optimizer, data_gen, config, source,
-                                  log.read())
+                last_ckpt = _save(out, step, *saved, data_gen, config, source, log.read())
                 watch.on_eval(step, metrics, log.read())  # a line, loss.png, TensorBoard
                 if on_eval is not None:
                     on_eval(step, metrics)
