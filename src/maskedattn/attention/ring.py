@@ -46,6 +46,7 @@ and ``seq_len=`` tells :func:`ring_attention` to hide the padded keys; :func:`ga
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -234,6 +235,9 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
                          " positional)")
     if rule.window is not None and not rule.causal:
         raise ValueError("ring_attention: a window without causality is not served")
+    if rule.chunk is not None:
+        raise ValueError("ring_attention: ChunkedCausal is not served yet; use Causal() with"
+                         " Documents(chunk ids), which is the same mask")
     if rule.documents is not None:
         ids = rule.documents
         if ids.shape[1] > total or (seq_len is None and ids.shape[1] != total):
@@ -241,7 +245,7 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
                              f" shape (B, {seq_len or total}), got {tuple(ids.shape)}")
         if ids.shape[1] < total:  # padded positions: a document of their own
             ids = torch.nn.functional.pad(ids, (0, total - ids.shape[1]), value=-1)
-        rule = MaskRule(rule.causal, rule.window, rule.prefix, rule.lengths, ids.to(q.device))
+        rule = dataclasses.replace(rule, documents=ids.to(q.device))
     if seq_len is not None:
         if not 1 <= seq_len <= total:
             raise ValueError(f"ring_attention: seq_len must be in [1, {total}], got {seq_len}")
