@@ -58,7 +58,11 @@ def calls(draw):
 def test_sdpa_backend_equals_reference(case) -> None:
     sizes, kwargs = case
     q, k, v = random_qkv(*sizes)
-    assert_close_to_reference("sdpa", q, k, v, factor=3.0, generator=sizes[-1], **kwargs)
+    # torch's own bfloat16 CPU kernel rounds its intermediate products to bfloat16: on a handful
+    # of elements (D=1, Tk=3) its gradients reach ~4x the naive error, which is then itself a
+    # sample of three numbers (hypothesis found dk at 0.054 against a naive 0.013)
+    factor = 5.0 if sizes[6] == torch.bfloat16 else 3.0
+    assert_close_to_reference("sdpa", q, k, v, factor=factor, generator=sizes[-1], **kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
