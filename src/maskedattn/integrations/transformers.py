@@ -292,10 +292,6 @@ def _wants_attentions(kwargs: dict) -> bool:
 
 def _why_fallback(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
     """One sentence saying why this call cannot be ours, or None."""
-    if torch.compiler.is_compiling():
-        # Seen here: compiled graphs gave wrong rows with a padded batch, as the kernel writes
-        # through raw pointers that the compiler does not see. Until it is a torch.library op:
-        return "under torch.compile our kernel is not yet a torch.library operator"
     if dropout and module.training:
         return "attention dropout during training is not supported"
     if kwargs.get("position_bias") is not None:
