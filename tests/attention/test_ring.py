@@ -12,7 +12,15 @@ import torch
 
 import maskedattn as ma
 from maskedattn.attention import ring
-from maskedattn.attention.masks import Alibi, Causal, Documents, Padding, PrefixLM, SlidingWindow
+from maskedattn.attention.masks import (
+    Alibi,
+    Causal,
+    ChunkedCausal,
+    Documents,
+    Padding,
+    PrefixLM,
+    SlidingWindow,
+)
 from tests.distributed import run_ranks
 from tests.helpers import ERROR_FLOOR, relative_error
 
@@ -87,6 +95,8 @@ def _features(rank, world):
         ring.ring_attention(x, x, x, None, bias=Alibi(torch.ones(2)))
     with pytest.raises(ValueError, match="multiple of 2"):
         ring.ring_attention(x[:, :, :7], x[:, :, :7], x[:, :, :7], Causal())
+    with pytest.raises(ValueError, match="ChunkedCausal is not served"):  # not dropped silently
+        ring.ring_attention(x, x, x, ChunkedCausal(4))
 
 
 def _skipping(rank, world):
