@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
 
 # CI draws the same examples on every run, so a red CI is a reproducible finding, never a
@@ -11,3 +12,13 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless chromium per test module (the page tests of viz and cli)."""
+    from tests.viz.browser import start_browser
+
+    b = start_browser()
+    yield b
+    b.close()

@@ -15,12 +15,7 @@ import os
 import pytest
 
 from maskedattn.cli.main import main
-from tests.viz.browser import Browser, find_chromium
-
-CHROMIUM = find_chromium()
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+from tests.viz.browser import Browser, needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +32,6 @@ def demo(tmp_path_factory):
             assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     return out
 
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("CI is set but chromium is missing: .ci/run should have installed it")
-    b = Browser(CHROMIUM)
-    yield b
-    b.close()
 
 
 def test_ablating_the_induction_heads_drops_the_repeat_to_chance(demo) -> None:
@@ -100,7 +87,7 @@ def _scroll_width(browser: Browser) -> int:
     return browser.evaluate("document.documentElement.scrollWidth")
 
 
-@needs_browser
+@needs_chromium
 def test_demo_page_opens_on_induction_head_with_labels_mark_and_causes(demo, browser) -> None:
     browser.open(demo / "attention.html")
     assert browser.evaluate("[layer.value, head.value]") == ["1", "0"]  # the induction head
@@ -135,7 +122,7 @@ def test_demo_page_opens_on_induction_head_with_labels_mark_and_causes(demo, bro
     assert browser.evaluate("document.getElementById('pair').textContent").startswith("q·k")
 
 
-@needs_browser
+@needs_chromium
 @pytest.mark.parametrize("width", [800, 400])
 def test_demo_page_fits_narrow_windows(demo, browser, width, tmp_path) -> None:
     browser.call("Emulation.setDeviceMetricsOverride", width=width, height=900,
@@ -156,7 +143,7 @@ def test_demo_page_fits_narrow_windows(demo, browser, width, tmp_path) -> None:
                      deviceScaleFactor=1, mobile=False)
 
 
-@needs_browser
+@needs_chromium
 def test_steps_page_pick_a_token_a_key_and_a_head(demo, browser) -> None:
     browser.open(demo / "steps.html")
     data = browser.evaluate("JSON.parse(document.getElementById('data').textContent)")

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 # The launch flags of the environment notes: no sandbox (we run as root), nothing in the
 # background that would reach for the network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,6 +33,20 @@ def find_chromium() -> str | None:
         if path := shutil.which(name):
             return path
     return None
+
+
+CHROMIUM = find_chromium()
+#: Skips a page test where chromium is absent, except under CI, where that is a failure.
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+def start_browser() -> Browser:
+    """A running headless chromium; fails (not skips) the test where there is none."""
+    if CHROMIUM is None:
+        pytest.fail("CI is set but chromium is missing: .ci/run should have installed it")
+    return Browser(CHROMIUM)
 
 
 class Browser:

@@ -4,29 +4,15 @@ the page has no q and k."""
 
 from __future__ import annotations
 
-import os
 import time
-
-import pytest
 
 from maskedattn.viz import show, write_html
 
-from .browser import Browser, find_chromium
+from .browser import needs_chromium
 from .test_pages_inline import planted_maps
 
-CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+pytestmark = needs_chromium
 
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("CI is set but chromium is missing: .ci/run should have installed it")
-    b = Browser(CHROMIUM)
-    yield b
-    b.close()
 
 
 def test_inline_page_draws_inside_a_sandboxed_iframe(browser, tmp_path) -> None:

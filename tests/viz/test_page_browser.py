@@ -6,7 +6,6 @@ Needs Debian's ``chromium`` (``.ci/run`` installs it); skipped with a reason whe
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 
@@ -17,25 +16,14 @@ from maskedattn.viz import AttentionMaps, write_html
 from maskedattn.viz.html import decode_maps, encode_maps
 
 from . import planted
-from .browser import Browser, find_chromium
+from .browser import Browser, needs_chromium
 
-CHROMIUM = find_chromium()
 # Skipped on a developer's machine without chromium; on CI (CI=true) a missing chromium fails.
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+pytestmark = needs_chromium
 
 T = 40
 GENERATED_FROM = 30
 
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("CI is set but chromium is missing: .ci/run should have installed it")
-    b = Browser(CHROMIUM)
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ shows another step's own page, and the reader's layer, head and pinned token car
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,12 +10,9 @@ from maskedattn.viz import AttentionMaps
 from maskedattn.viz.training_steps import render_steps_html, write_steps_html
 
 from . import planted
-from .browser import Browser, find_chromium
+from .browser import needs_chromium, start_browser
 
-CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+pytestmark = needs_chromium
 
 T = 24
 
@@ -38,11 +33,9 @@ def steps() -> list[tuple[int, AttentionMaps]]:
 
 
 def test_slider_moves_between_steps_and_keeps_the_choice(tmp_path) -> None:
-    if CHROMIUM is None:
-        pytest.fail("CI is set but chromium is missing: .ci/run should have installed it")
     page = write_steps_html(steps(), tmp_path / "steps.html", captions=["init", "s50", "s100"])
     assert "http://" not in page.read_text() and "https://" not in page.read_text()
-    b = Browser(CHROMIUM)
+    b = start_browser()
     try:
         b.open(page)
         assert b.evaluate("document.body.dataset.step") == "100"
