@@ -28,11 +28,6 @@ class Distributed:
         """Rank 0 alone writes checkpoints, logs and pictures."""
         return self.rank == 0
 
-    def rows(self, global_batch: int) -> slice:
-        """This rank's rows of a global batch."""
-        per = global_batch // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
     def sum(self, value: float) -> float:
         """The sum of ``value`` over all ranks."""
         if self.world == 1:
