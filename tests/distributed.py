@@ -24,7 +24,8 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have left the group itself
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:

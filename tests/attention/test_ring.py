@@ -7,8 +7,12 @@ be within twice that of the naive float32 reference (the tolerance of every back
 
 from __future__ import annotations
 
+import glob
+import sys
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import maskedattn as ma
 from maskedattn.attention import ring
@@ -116,6 +120,23 @@ def _skipping(rank, world):
     assert stats.pairs_computed == 3 + 2 * (world - 1)  # balanced: the same on every rank
 
 
+def _gloo_threads() -> int:
+    return sum(open(f).read().strip() == "pt_gloo_runloop"
+               for f in glob.glob("/proc/self/task/*/comm"))
+
+
+def _group_released(rank, world):
+    """After destroy_process_group no thread of the group is left to abort the process at exit.
+
+    torch keeps the group alive past destroy_process_group when torch._dynamo is first
+    imported after the group exists, as any custom operator's first call does.
+    """
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    ring.ring_attention(q, q, q, Causal()).sum().backward()
+    dist.destroy_process_group()
+    assert _gloo_threads() == 0
+
+
 def _four_ranks(rank, world):
     _all_masks(rank, world, (35,), ("zigzag",), ("causal", "window", "prefix", "documents"))
     _skipping(rank, world)
@@ -123,6 +144,11 @@ def _four_ranks(rank, world):
 
 def test_every_mask_two_ranks_odd_length() -> None:
     run_ranks(_two_ranks, 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_destroying_the_group_ends_its_threads() -> None:
+    run_ranks(_group_released, 2)
 
 
 def test_features_two_ranks() -> None:

@@ -32,12 +32,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch._dynamo  # see below
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from .lowering import OP_FIELDS, OpArgs, call_from_op_args, op_schema
 
 __all__ = ["FORWARD_OPS", "flash_backward", "flash_forward"]
+
+# torch._dynamo is imported above, not by the operators' first call (torch's custom_op imports
+# it then): imported after torch.distributed.init_process_group, it keeps the process group
+# alive past destroy_process_group (torch 2.13), and the group's gloo threads then abort the
+# process at interpreter exit.
 
 _N = len(OP_FIELDS)
 _MASK_TENSORS = tuple(i for i, (_, kind) in enumerate(OP_FIELDS) if kind == "Tensor?")
