@@ -338,29 +338,51 @@ def _lower(module, attention_mask, query, key, value, kwargs):
     return visible, (None if not bool(bias.any()) else bias.to(query.dtype)), key, value
 
 
+# Scores held at once by :func:`probabilities` (16 MB of float32).
+_SCORE_BLOCK = 1 << 22
+
+
 def probabilities(query: Tensor, key: Tensor, mask: Mask | Tensor | None, lse: Tensor, *,
                   bias: Tensor | None = None, softcap: float | None = None,
-                  scale: float | None = None, rows: Tensor | None = None) -> Tensor:
+                  scale: float | None = None, rows: Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Attention probabilities rebuilt from the log-sum-exp: exp(s - lse), (B, Hq, R, Tk).
 
     ``rows`` (query rows, default all) chooses which rows; each costs O(Tk) memory. Keys and
     queries as :func:`maskedattn.attention` takes them; ``lse`` (B, Hq, Tq) as it returns it
-    (with any sink already folded in).
+    (with any sink already folded in). Computed in float32, returned in ``dtype``.
     """
     b, hq, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     scale = d**-0.5 if scale is None else scale
     rows = torch.arange(tq, device=query.device) if rows is None else rows.to(query.device)
-    q = query[:, :, rows].float().unflatten(1, (hkv, hq // hkv))  # (B, Hkv, G, R, D)
-    # In place after the matmul: one (B, Hq, R, Tk) buffer, the memory of the rows asked.
-    s = (q @ key.float()[:, :, None].transpose(-1, -2)).flatten(1, 2).mul_(scale)
-    if softcap is not None:
-        s = s.div_(softcap).tanh_().mul_(softcap)
-    if bias is not None:
-        s += bias.float().expand(b, hq, tq, tk)[:, :, rows]
+    g = hq // hkv
+    keys = key.float().flatten(0, 1).transpose(-1, -2)  # (B * Hkv, D, Tk)
     rule = as_rule(mask).to(query.device).fit(b, hq, tq, tk)
-    visible = rule.block(rows, torch.arange(tk, device=query.device), tk - tq)
-    return s.sub_(lse.float()[:, :, rows, None]).exp_().masked_fill_(~visible, 0.0)
+    columns = torch.arange(tk, device=query.device)
+    out = torch.empty(b, hq, len(rows), tk, dtype=dtype, device=query.device)
+    # A few hundred rows at a time, so that the scores' passes run on a block that stays in
+    # cache (each op is one parallel region: smaller blocks would cost more in barriers on a
+    # busy machine than they save).
+    step = max(1, _SCORE_BLOCK // max(1, b * hq * tk))
+    for start in range(0, len(rows), step):
+        r = rows[start:start + step]
+
+        def grouped(x: Tensor) -> Tensor:  # (B, Hq, R, ...) -> (B * Hkv, G * R, ...)
+            return x.unflatten(1, (hkv, g)).flatten(0, 1).flatten(1, 2)
+
+        q = grouped(query[:, :, r].float())
+        lse_r = grouped(lse.float()[:, :, r, None])
+        if softcap is None:  # s * scale - lse in one matmul
+            s = torch.baddbmm(lse_r, q, keys, beta=-1.0, alpha=scale)
+        else:
+            s = torch.bmm(q, keys).mul_(scale / softcap).tanh_().mul_(softcap).sub_(lse_r)
+        s = s.unflatten(1, (g, len(r))).unflatten(0, (b, hkv)).flatten(1, 2)  # (B, Hq, R, Tk)
+        if bias is not None:
+            s += bias.float().expand(b, hq, tq, tk)[:, :, r]
+        s.exp_().masked_fill_(~rule.block(r, columns, tk - tq), 0.0)
+        out[:, :, start:start + step] = s
+    return out
 
 
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs):
@@ -389,9 +411,9 @@ def current_key_offset() -> int:
     return _key_offset.get()
 
 
-def observed_probabilities(event, rows: Tensor) -> Tensor:
+def observed_probabilities(event, rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The probabilities (B, Hq, R, Tk) of query ``rows`` of an observed call of ours, rebuilt
-    from its LSE.
+    from its LSE, in ``dtype``.
 
     With attention sinks the rows are over the tokens only (the kernel's LSE has no sink):
     each sums to 1, as attention maps do; the sink's share is ``sigmoid(sink - lse)``.
@@ -400,7 +422,7 @@ def observed_probabilities(event, rows: Tensor) -> Tensor:
     call = event.call
     bias = call.bias if isinstance(call.bias, Tensor) else None
     return probabilities(event.q.detach(), event.k.detach(), call.rule, lse, bias=bias,
-                         softcap=call.softcap, scale=call.scale, rows=rows)
+                         softcap=call.softcap, scale=call.scale, rows=rows, dtype=dtype)
 
 
 def is_transformers_model(model: object) -> bool:

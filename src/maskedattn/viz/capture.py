@@ -72,8 +72,10 @@ class capture_attention:
         self.batch_index = batch_index
         self._model = model
         self._stack: ExitStack | None = None
-        # layer -> query position -> (H, Tk) probabilities
-        self._recorded: dict[int, dict[int, Tensor]] = {i: {} for i in self.layers}
+        # layer -> the calls' (query positions (R,), probabilities (H, R, Tk)), in call order:
+        # one block per call, not one tensor per row (a 1024-token prefill is 12 blocks, not
+        # 12k rows to copy twice).
+        self._recorded: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in self.layers}
 
     def __enter__(self) -> capture_attention:
         stack = ExitStack()
@@ -120,24 +122,24 @@ class capture_attention:
         if positions.numel() == 0:
             return
         rows = (positions - shift - call.offset).to(event.q.device)
+        store = torch.float16 if call.k_len > _HALF_ABOVE else torch.float32
         if self._hf and event.lse is not None:  # through our transformers backend
             from ..integrations.transformers import observed_probabilities
 
-            probs = observed_probabilities(event, rows)[b].cpu()  # (H, R, Tk), from the LSE
+            probs = observed_probabilities(event, rows, store)[b].cpu()  # (H, R, Tk), from the LSE
         else:
             trace = attention_trace(
                 event.q.detach(), event.k.detach(), event.v.detach(), call.rule,
                 bias=call.bias, softcap=call.softcap, scale=call.scale, rows=rows,
             )
-            probs = trace.probs[b].float().cpu()  # (H, R, Tk)
+            probs = trace.probs[b].to(store).cpu()  # (H, R, Tk)
         if self.heads is not None:
             if self.heads[-1] >= probs.shape[0] or self.heads[0] < 0:
                 raise ValueError(f"heads must lie in [0, {probs.shape[0]}), got {self.heads}")
             probs = probs[self.heads]
-        store = torch.float16 if call.k_len > _HALF_ABOVE else torch.float32
-        recorded = self._recorded[layer]
-        for r, pos in enumerate(positions.tolist()):
-            recorded[pos] = torch.nn.functional.pad(probs[:, r], (shift, 0)).to(store)
+        if shift:
+            probs = torch.nn.functional.pad(probs, (shift, 0))
+        self._recorded[layer].append((positions, probs))
 
     def _key_offset(self) -> int:
         if not self._hf:
@@ -150,20 +152,31 @@ class capture_attention:
              generated_from: int | None = None) -> AttentionMaps:
         """What was recorded, as :class:`AttentionMaps` over the T = len(tokens) tokens."""
         t = len(tokens)
-        positions = sorted(set().union(*(r.keys() for r in self._recorded.values())))
-        if not positions:
+        blocks = [b for rec in self._recorded.values() for b in rec]
+        if not blocks:
             raise ValueError("nothing was captured: run the model inside the `with` block")
-        positions = [p for p in positions if p < t]
-        heads = next(row for rec in self._recorded.values() for row in rec.values()).shape[0]
+        positions = torch.cat([pos for pos, _ in blocks]).unique()  # sorted
+        positions = positions[positions < t]
+        heads = blocks[0][1].shape[0]
         dtype = torch.float16 if t > _HALF_ABOVE else torch.float32
-        probs = torch.zeros(len(self.layers), heads, len(positions), t, dtype=dtype)
-        for li, layer in enumerate(self.layers):
-            for ri, pos in enumerate(positions):
-                row = self._recorded[layer].get(pos)
-                if row is None:
-                    raise ValueError(f"layer {layer} has no row for position {pos}")
-                width = min(row.shape[-1], t)
-                probs[li, :, ri, :width] = row[:, :width].to(dtype)
+        layers = [self._recorded[layer] for layer in self.layers]
+        if all(len(rec) == 1 and torch.equal(rec[0][0], positions) and rec[0][1].shape[-1] >= t
+               for rec in layers):  # one prefill per layer: a single copy
+            probs = torch.stack([rec[0][1][..., :t].to(dtype) for rec in layers])
+        else:
+            probs = torch.zeros(len(self.layers), heads, len(positions), t, dtype=dtype)
+            for li, (layer, rec) in enumerate(zip(self.layers, layers, strict=True)):
+                seen = torch.zeros(len(positions), dtype=torch.bool)
+                for pos, block in rec:  # in call order: a later call's row replaces an earlier
+                    keep = pos < t
+                    ri = torch.searchsorted(positions, pos[keep])
+                    width = min(block.shape[-1], t)
+                    probs[li, :, ri, :width] = block[:, keep, :width].to(dtype)
+                    seen[ri] = True
+                if not seen.all():
+                    missing = int(positions[~seen][0])
+                    raise ValueError(f"layer {layer} has no row for position {missing}")
+        positions = positions.tolist()
         full = positions == list(range(t))
         return AttentionMaps(
             probs, list(tokens), rows=None if full else torch.tensor(positions),
