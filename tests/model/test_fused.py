@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from maskedattn.model import GPT, GPTConfig, cpu_linear, gemv
 
-pytestmark = pytest.mark.skipif(not cpu_linear._available(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not cpu_linear._AVAILABLE, reason="torch built without oneDNN")
 
 
 def _inputs(shape, n, bias, seed=0):
@@ -88,20 +88,48 @@ def test_gpt_training_step_equals_the_plain_linear_path(monkeypatch):
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_steps_aside_under_torch_compile_and_export():
+def test_compiled_graph_keeps_the_operator_and_its_gradients():
+    x, w, b = _inputs((3, 40, 96), 50, True)
+
+    def loss(x, w, b):
+        return (cpu_linear.linear(x, w, b) if cpu_linear.serves(x, w, gemv.MAX_ROWS)
+                else F.linear(x, w, b)).square().sum()
+
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    got = torch.compile(loss, backend=backend, fullgraph=True)(x, w, b)
+    assert any("onednn_linear" in op for op in ops), ops
+    got_grads = torch.autograd.grad(got, (x, w, b))
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)(x, w, b)
+    want = F.linear(x, w, b).square().sum()
+    want_grads = torch.autograd.grad(want, (x, w, b))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled, want, rtol=1e-5, atol=0)
+    for g, e, c in zip(got_grads, want_grads, torch.autograd.grad(compiled, (x, w, b)),
+                       strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+def test_opcheck():
+    x, w, b = _inputs((7, 33), 20, True)
+    for args in ((x, w, b), (x, w, None)):
+        torch.library.opcheck(torch.ops.maskedattn.onednn_linear, args)
+
+
+def test_steps_aside_under_export():
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(10, 16)
 
-    def fn(x):
-        assert not cpu_linear.serves(x, layer.weight, gemv.MAX_ROWS)
-        return F.linear(x, layer.weight, layer.bias)
-
-    explained = torch._dynamo.explain(fn)(x)
-    assert explained.graph_break_count == 0
-
     class Module(torch.nn.Module):
         def forward(self, x):
-            return fn(x)
+            assert not cpu_linear.serves(x, layer.weight, gemv.MAX_ROWS)
+            return F.linear(x, layer.weight, layer.bias)
 
     exported = torch.export.export(Module(), (x,))
+    assert not any("onednn" in str(n.target) for n in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x), layer(x))

@@ -7,6 +7,9 @@ model switches with ``set_attn_implementation`` between runs, alternating, media
 - prefill: one forward over a batch-1 prompt of each ``--lengths`` (no cache, the last
   position's logits only, as ``generate``'s prefill needs), end-to-end model time; ``eager``
   too up to ``--eager-max`` tokens (it materialises every T x T score matrix);
+- floor (``--floor``): the same prefill with every attention call replaced by zeros, which no
+  attention backend can beat: ``floor / sdpa`` bounds the ratio any backend can reach, since
+  the rest of the model (linear layers, norms, RoPE) is the same whoever computes attention;
 - decode: tokens per second of ``generate`` (greedy, dynamic cache) continuing a
   ``--context``-token prompt, measured as the time of ``1 + --new`` new tokens minus that of 1.
 
@@ -27,6 +30,21 @@ from ..integrations.transformers import register
 from .generate import _dtype, _name
 
 _IMPLS = ("maskedattn", "sdpa", "eager")
+_FLOOR = "no-attention"
+
+
+def _no_attention(module, query, key, value, attention_mask, **kwargs):
+    """A transformers attention function that computes nothing: (B, T, H, D) zeros."""
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+
+def _register_floor() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_FLOOR, _no_attention)
+    # No mask to build either: our mask function's structure is never looked at.
+    AttentionMaskInterface.register(_FLOOR, lambda *args, **kwargs: None)
 
 
 def _model(arch: str, longest: int, quick: bool = False):
@@ -79,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompt tokens before decoding (0: no decode test)")
     p.add_argument("--new", type=int, default=16, help="tokens decoded in the decode test")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    p.add_argument("--floor", action="store_true",
+                   help="also time prefill with attention replaced by zeros: the bound on"
+                   " what any attention backend can reach")
     p.add_argument("--viz", type=int, default=0, metavar="T",
                    help="instead: time capture_attention of every row of a T-token input on"
                    " gpt2 (12 layers, 12 heads) and writing its HTML page")
@@ -86,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny models and short lengths: checks that it works")
     args = p.parse_args(argv)
     register()
+    if args.floor:
+        _register_floor()
     if args.viz:
         return _viz_time(args.viz)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -96,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
           f" {torch.get_num_threads()} threads; median of {args.repeats} after a warm-up")
     print(f"{'model':<8}{'dtype':<10}{'measure':<26}{'maskedattn':>12}{'sdpa':>10}"
           f"{'eager':>10}{'ours/sdpa':>11}")
+    if args.floor:
+        print("(floor: attention replaced by zeros; the note gives floor/sdpa)")
     gen = torch.Generator().manual_seed(1)
     for arch in args.archs.split(","):
         base = _model(arch, max(*lengths, args.context + args.new + 1), args.quick)
@@ -105,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in lengths:
                 ids = torch.randint(0, vocab, (1, t), generator=gen)
                 impls = [i for i in _IMPLS if i != "eager" or t <= args.eager_max]
+                impls += [_FLOOR] if args.floor else []
 
                 def prefill(ids=ids, model=model):
                     with torch.inference_mode():
@@ -113,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 timed = _timed(model, impls, prefill, args.repeats)
                 for kind, j in (("wall", 0), ("CPU", 1)):
                     ms = {k: 1e3 * v[j] for k, v in timed.items()}
+                    floor = (f"floor {ms[_FLOOR]:.1f} ms, floor/sdpa"
+                             f" {ms[_FLOOR] / ms['sdpa']:.2f}") if args.floor else ""
                     _row(arch, dtype, f"prefill {t} {kind} ms", ms,
-                         ms["maskedattn"] / ms["sdpa"])
+                         ms["maskedattn"] / ms["sdpa"], floor)
             if args.context:
                 prompt = torch.randint(0, vocab, (1, args.context), generator=gen)
 
