@@ -22,6 +22,7 @@ prepacked weights, and its plain ``F.linear`` is MKL's again) and fuses what lie
 from __future__ import annotations
 
 import os
+
 import torch
 from torch import Tensor
 
