@@ -238,7 +238,7 @@ def test_a_kernel_not_ending_with_the_mask_params_fails_the_check():
     def stale(X, CAUSAL: tl.constexpr, window, prefix):  # the mask of an older lowering
         pass
 
-    with pytest.raises(RuntimeError, match="stale ends with the parameters"):
+    with pytest.raises(RuntimeError, match="stale takes the parameters"):
         tk._check_mask_params(stale)
     # the right names, but a flag that is not constexpr
     loose = SimpleNamespace(arg_names=list(tk.MASK_PARAMS),

@@ -46,37 +46,40 @@ DECODE_MAX_QUERIES = 16
 _DECODE_MAX_ROWS = 64
 
 
-# What each field of lowering.OP_FIELDS becomes in the kernels, in OP_FIELDS order: their
-# trailing parameters, computed by _mask_args. Upper-case names are constexpr (a kernel variant
-# each). chunk arrives as document ids, dense as -inf in the bias: no parameters of their own.
+# What each field of lowering.OP_FIELDS becomes in the kernels: their mask and score
+# parameters, computed by _mask_args. Upper-case names are constexpr (a kernel variant each).
+# chunk arrives as document ids, dense as -inf in the bias: no parameters of their own. In the
+# order the kernels take them: the GPU compiler's register allocation depends on the order of
+# the run-time parameters, and this one is the order benchmarked in BENCHMARKS.md.
 _LOWERED = {
-    "causal": ("CAUSAL",),  # k <= q or k < prefix
-    "window": ("window",),
+    "scale": ("scale2", "s_scale", "PLAIN"),  # the backward kernels also take scale itself
+    "softcap": ("softcap2", "HAS_SOFTCAP"),
     "prefix": ("prefix",),
+    "window": ("window",),
+    "causal": ("CAUSAL",),  # k <= q or k < prefix
     "chunk": (),
     "lengths": ("Lengths", "HAS_LENGTHS"),
     "documents": ("DocIds", "DocFirst", "DocLast", "sdb", "HAS_DOCS"),
     "dense": (),
     "alibi": ("Slopes", "ALIBI"),
     "bias": ("Bias", "sbb", "sbh", "sbq", "sbk", "HAS_BIAS"),
-    "softcap": ("softcap2", "HAS_SOFTCAP"),
-    "scale": ("scale", "scale2", "s_scale", "PLAIN"),
 }
 
 
 def _mask_params(fields: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
-    """The kernels' trailing parameter names for ``fields`` (:data:`.lowering.OP_FIELDS`)."""
+    """The kernels' mask and score parameters, given :data:`.lowering.OP_FIELDS`."""
     names = [name for name, _ in fields]
-    if names != list(_LOWERED):
+    if sorted(names) != sorted(_LOWERED):
         raise RuntimeError(
             f"lowering.OP_FIELDS has the fields {names}, but the Triton kernels lower"
             f" {list(_LOWERED)}: say in _triton_kernels._LOWERED what each field becomes,"
             " compute it in _mask_args and add its parameters to every kernel and tile loop"
         )
-    return tuple(param for name in names for param in _LOWERED[name])
+    return tuple(param for params in _LOWERED.values() for param in params)
 
 
-#: The last parameters of every kernel and tile loop, in this order (checked at import).
+#: Parameters that every kernel and tile loop takes as one run, in this order (checked at
+#: import).
 MASK_PARAMS = _mask_params(OP_FIELDS)
 
 
@@ -262,14 +265,14 @@ _LENGTHS = ["Tq", "Tk", "prefix", "window", "size_class"]
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, skt, skd, svt, svd, start, end,
-               q_pos, q_row, q_ok, b, head, Tk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               # the mask and scores: MASK_PARAMS, in its order (checked at import)
-               CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+               q_pos, q_row, q_ok, b, head, Tk,
+               # MASK_PARAMS, in its order (checked at import):
+               scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+               prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-               softcap2, HAS_SOFTCAP: tl.constexpr,
-               scale, scale2, s_scale, PLAIN: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr):
     """Online softmax over the key tiles starting in [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -307,15 +310,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, skt, skd, svt, svd, start, end,
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                 sob, soh, sot, sod, Hq, group, Tq, Tk,
-                size_class,  # only a key for autotuning
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr,
-                # the mask and scores: MASK_PARAMS, in its order (checked at import)
-                CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+                # MASK_PARAMS, in its order (checked at import):
+                scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                 DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                 Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-                softcap2, HAS_SOFTCAP: tl.constexpr,
-                scale, scale2, s_scale, PLAIN: tl.constexpr):
+                size_class,  # only a key for autotuning
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     rows, q_ok, start, mid_lo, mid_hi, end = _query_tile(
         Hq, Tq, Tk, prefix, window, Lengths, DocFirst, DocLast, sdb, CAUSAL, HAS_LENGTHS,
         HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -337,12 +339,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
         seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, Kh, Vh, skt, skd, svt, svd, seg_lo, seg_hi,
-            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk, HEAD_DIM, BLOCK_D, BLOCK_N,
-            seg != 1,
-            CAUSAL, window, prefix, Lengths, HAS_LENGTHS,
-            DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk,
+            scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+            Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
             Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
-            softcap2, HAS_SOFTCAP, scale, scale2, s_scale, PLAIN)
+            HEAD_DIM, BLOCK_D, BLOCK_N, seg != 1)
 
     # A row that sees no key outputs 0 and has LSE -inf (l == 0 exactly then).
     seen = l_i > 0
@@ -358,14 +359,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
 def _decode_kernel(Q, K, V, Opart, LSEpart,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                    Hkv, group, Tq, Tk, chunk,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_N: tl.constexpr,
-                   # the mask and scores: MASK_PARAMS, in its order (checked at import)
-                   CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+                   # MASK_PARAMS, in its order (checked at import):
+                   scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                   prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                    DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                    Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-                   softcap2, HAS_SOFTCAP: tl.constexpr,
-                   scale, scale2, s_scale, PLAIN: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """One split of the keys for one key/value head; rows are (query head, query) pairs."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -393,11 +393,11 @@ def _decode_kernel(Q, K, V, Opart, LSEpart,
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh, skt, skd, svt, svd,
         lo // BLOCK_N * BLOCK_N, hi, q_pos[:, None], t[:, None], q_ok[:, None], b,
-        head[:, None], Tk, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-        CAUSAL, window, prefix, Lengths, HAS_LENGTHS,
-        DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+        head[:, None], Tk,
+        scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+        Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
         Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
-        softcap2, HAS_SOFTCAP, scale, scale2, s_scale, PLAIN)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -471,14 +471,14 @@ def _load_lse2(LSE, rows, ok):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, dO, LSE, Delta, sqt, sqd, sdot, sdod, start, end,
-                k_pos, k_ok, b, head, Tq, offset, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                # the mask and scores: MASK_PARAMS, in its order (checked at import)
-                CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+                k_pos, k_ok, b, head, Tq, offset,
+                # MASK_PARAMS, in its order (checked at import):
+                scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                 DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                 Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-                softcap2, HAS_SOFTCAP: tl.constexpr,
-                scale, scale2, s_scale, PLAIN: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles starting in [start, end).
 
     Works on transposed scores (keys x queries), so no transpose of P or dS is needed.
@@ -521,16 +521,15 @@ def _dkdv_tiles(dk, dv, k, v, Q, dO, LSE, Delta, sqt, sqd, sdot, sdod, start, en
 def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
-                 Hq, Hkv, group, Tq, Tk,
-                 size_class,  # only a key for autotuning
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr,
-                 # the mask and scores: MASK_PARAMS, in its order (checked at import)
-                 CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+                 Hq, Hkv, group, Tq, Tk, scale,
+                 # MASK_PARAMS, in its order (checked at import):
+                 scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                 prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                  DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                  Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-                 softcap2, HAS_SOFTCAP: tl.constexpr,
-                 scale, scale2, s_scale, PLAIN: tl.constexpr):
+                 size_class,  # only a key for autotuning
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -564,12 +563,11 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
             seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, Qh, dOh, LSE + row0, Delta + row0, sqt, sqd, sdot, sdod,
-                seg_lo, seg_hi, k_pos[:, None], k_ok[:, None], b, h, Tq, offset, HEAD_DIM,
-                BLOCK_D, BLOCK_M, seg != 1,
-                CAUSAL, window, prefix, Lengths, HAS_LENGTHS,
-                DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+                seg_lo, seg_hi, k_pos[:, None], k_ok[:, None], b, h, Tq, offset,
+                scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+                Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
                 Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
-                softcap2, HAS_SOFTCAP, scale, scale2, s_scale, PLAIN)
+                HEAD_DIM, BLOCK_D, BLOCK_M, seg != 1)
     tl.store(dK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + offs_d[None, :] * sdkd,
              (dk * scale).to(dK.dtype.element_ty), mask=tile_ok)
     tl.store(dV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + offs_d[None, :] * sdvd,
@@ -578,14 +576,14 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K, V, skt, skd, svt, svd, start, end,
-              q_pos, q_row, q_ok, b, head, Tk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              # the mask and scores: MASK_PARAMS, in its order (checked at import)
-              CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+              q_pos, q_row, q_ok, b, head, Tk,
+              # MASK_PARAMS, in its order (checked at import):
+              scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+              prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
               DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
               Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-              softcap2, HAS_SOFTCAP: tl.constexpr,
-              scale, scale2, s_scale, PLAIN: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles starting in [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -621,16 +619,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skt, skd, svt, svd, start, end,
 def _dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, sdqd,
-               Hq, group, Tq, Tk,
-               size_class,  # only a key for autotuning
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr,
-               # the mask and scores: MASK_PARAMS, in its order (checked at import)
-               CAUSAL: tl.constexpr, window, prefix, Lengths, HAS_LENGTHS: tl.constexpr,
+               Hq, group, Tq, Tk, scale,
+               # MASK_PARAMS, in its order (checked at import):
+               scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+               prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
                DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
                Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
-               softcap2, HAS_SOFTCAP: tl.constexpr,
-               scale, scale2, s_scale, PLAIN: tl.constexpr):
+               size_class,  # only a key for autotuning
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     rows, q_ok, start, mid_lo, mid_hi, end = _query_tile(
         Hq, Tq, Tk, prefix, window, Lengths, DocFirst, DocLast, sdb, CAUSAL, HAS_LENGTHS,
         HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -654,12 +651,11 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
         seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
         dq = _dq_tiles(
             dq, q, do, lse2, delta, Kh, Vh, skt, skd, svt, svd, seg_lo, seg_hi,
-            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk, HEAD_DIM, BLOCK_D, BLOCK_N,
-            seg != 1,
-            CAUSAL, window, prefix, Lengths, HAS_LENGTHS,
-            DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk,
+            scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+            Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
             Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
-            softcap2, HAS_SOFTCAP, scale, scale2, s_scale, PLAIN)
+            HEAD_DIM, BLOCK_D, BLOCK_N, seg != 1)
     tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :] * sdqd,
              (dq * scale).to(dQ.dtype.element_ty), mask=tile_ok)
 
@@ -668,16 +664,18 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
 
 
 def _check_mask_params(*fns) -> None:
-    """Each of ``fns`` ends with :data:`MASK_PARAMS`, constexpr exactly where upper case: a
-    field added to OP_FIELDS, or a kernel not updated, fails the import."""
+    """Each of ``fns`` takes :data:`MASK_PARAMS` as one run of parameters, constexpr exactly
+    where upper case: a field added to OP_FIELDS, or a kernel not updated, fails the import."""
     for fn in fns:
-        names = tuple(fn.arg_names[-len(MASK_PARAMS):])
+        names = fn.arg_names
+        first = names.index(MASK_PARAMS[0]) if MASK_PARAMS[0] in names else 0
+        run = tuple(names[first:first + len(MASK_PARAMS)])
         hints = fn.fn.__annotations__
-        constexprs = [n for n in names if "constexpr" in str(hints.get(n, ""))]
-        if names != MASK_PARAMS or constexprs != [n for n in names if n.isupper()]:
+        constexprs = [n for n in run if "constexpr" in str(hints.get(n, ""))]
+        if run != MASK_PARAMS or constexprs != [n for n in run if n.isupper()]:
             raise RuntimeError(
-                f"{fn.fn.__name__} ends with the parameters {names} (constexpr: {constexprs}),"
-                f" not MASK_PARAMS {MASK_PARAMS} (constexpr where upper case)"
+                f"{fn.fn.__name__} takes the parameters {run} (constexpr: {constexprs}) where"
+                f" MASK_PARAMS {MASK_PARAMS} belong (constexpr where upper case)"
             )
 
 
@@ -778,17 +776,17 @@ def _mask_args(call: AttentionCall) -> dict:
     plain = call.softcap is None and slopes is None and bias is None
     scale2 = call.scale * LOG2E
     return dict(
+        scale2=scale2, s_scale=scale2 if plain else 1.0, PLAIN=plain,
+        softcap2=(call.softcap or 1.0) * LOG2E, HAS_SOFTCAP=call.softcap is not None,
         # PrefixLM(n) is "k <= q or k < n"; a causal mask is the same with n = 0.
-        CAUSAL=rule.causal or rule.prefix is not None,
-        window=rule.window if rule.window is not None else tk + 1,
         prefix=0 if rule.causal or rule.prefix is None else rule.prefix,
+        window=rule.window if rule.window is not None else tk + 1,
+        CAUSAL=rule.causal or rule.prefix is not None,
         Lengths=lengths, HAS_LENGTHS=lengths is not None,
         DocIds=doc_ids, DocFirst=doc_first, DocLast=doc_last,
         sdb=0 if doc_ids is None or doc_ids.shape[0] == 1 else tk, HAS_DOCS=doc_ids is not None,
         Slopes=slopes, ALIBI=slopes is not None,
         Bias=bias, sbb=sbb, sbh=sbh, sbq=sbq, sbk=sbk, HAS_BIAS=bias is not None,
-        softcap2=(call.softcap or 1.0) * LOG2E, HAS_SOFTCAP=call.softcap is not None,
-        scale=call.scale, scale2=scale2, s_scale=scale2 if plain else 1.0, PLAIN=plain,
     )
 
 
@@ -868,7 +866,7 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: dict)
 
 
 def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
-              lse: Tensor, mask: dict) -> tuple[Tensor, Tensor, Tensor]:
+              lse: Tensor, scale: float, mask: dict) -> tuple[Tensor, Tensor, Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     head = _head(d)
@@ -884,10 +882,10 @@ def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _launch("dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hkv),
             q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
-            hq, hkv, hq // hkv, tq, tk, **head, **mask, tq=tq, tk=tk)
+            hq, hkv, hq // hkv, tq, tk, scale, **head, **mask, tq=tq, tk=tk)
     _launch("dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq),
             q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
-            hq, hq // hkv, tq, tk, **head, **mask, tq=tq, tk=tk)
+            hq, hq // hkv, tq, tk, scale, **head, **mask, tq=tq, tk=tk)
     return dq, dk, dv
 
 
@@ -899,4 +897,4 @@ def forward(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tenso
 def backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
              lse: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), the probabilities recomputed from the LSE (``triton_bwd``)."""
-    return _backward(do, dlse, q, k, v, o, lse, _mask_args(call))
+    return _backward(do, dlse, q, k, v, o, lse, call.scale, _mask_args(call))
