@@ -49,8 +49,9 @@ _DECODE_MAX_ROWS = 64
 # What each field of lowering.OP_FIELDS becomes in the kernels: their mask and score
 # parameters, computed by _mask_args. Upper-case names are constexpr (a kernel variant each).
 # chunk arrives as document ids, dense as -inf in the bias: no parameters of their own. In the
-# order the kernels take them: the GPU compiler's register allocation depends on the order of
-# the run-time parameters, and this one is the order benchmarked in BENCHMARKS.md.
+# order the kernels take them, not OP_FIELDS': the GPU compiler's register allocation follows
+# the order of the run-time parameters (the hot loop's SASS changes with it), and this is the
+# order the kernels were benchmarked with on the H100 (BENCHMARKS.md).
 _LOWERED = {
     "scale": ("scale2", "s_scale", "PLAIN"),  # the backward kernels also take scale itself
     "softcap": ("softcap2", "HAS_SOFTCAP"),
@@ -747,7 +748,7 @@ def _launch(name: str, grid, *args, tq: int, tk: int, **kwargs) -> None:
 
 
 def _mask_args(call: AttentionCall) -> dict:
-    """The kernels' trailing arguments for ``call``: :data:`MASK_PARAMS` by name, in order."""
+    """The kernels' mask arguments for ``call``: :data:`MASK_PARAMS` by name, in order."""
     rule, b, hq, tq, tk = call.rule, call.batch, call.q_heads, call.q_len, call.k_len
     device = call.device
     lengths = doc_ids = doc_first = doc_last = slopes = bias = None
