@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,6 +207,44 @@ def test_property_matches_reference(tq, extra, d, group, window, softcap):
     q, k, v = qkv(b=1, hq=2 * group, hkv=2, tq=tq, tk=tq + extra, d=d)
     mask = Causal() if window is None else SlidingWindow(window)
     check(q, k, v, grads=False, mask=mask, softcap=softcap)
+
+
+# -- the kernels' parameters follow the lowering ------------------------------------------------
+
+
+@needs_triton
+def test_mask_params_follow_op_fields():
+    """A field added to OP_FIELDS that the kernels do not lower fails loudly, naming it."""
+    from maskedattn.attention import _triton_kernels as tk
+    from maskedattn.attention.lowering import OP_FIELDS, lower_call
+
+    assert tk._mask_params(OP_FIELDS) == tk.MASK_PARAMS
+    with pytest.raises(RuntimeError, match=r"'sink'\].*_LOWERED"):
+        tk._mask_params((*OP_FIELDS, ("sink", "int")))
+    q, k, v = qkv(tq=17, tk=40)
+    for name, make in {**MASKS, **SCORES}.items():
+        args = tk._mask_args(lower_call(q, k, v, **_on_device(make(2, 2, 17, 40))))
+        assert tuple(args) == tk.MASK_PARAMS, name
+
+
+@needs_triton
+def test_a_kernel_not_ending_with_the_mask_params_fails_the_check():
+    import triton
+    import triton.language as tl
+
+    from maskedattn.attention import _triton_kernels as tk
+
+    @triton.jit
+    def stale(X, CAUSAL: tl.constexpr, window, prefix):  # the mask of an older lowering
+        pass
+
+    with pytest.raises(RuntimeError, match="stale takes the parameters"):
+        tk._check_mask_params(stale)
+    # the right names, but a flag that is not constexpr
+    loose = SimpleNamespace(arg_names=list(tk.MASK_PARAMS),
+                            fn=SimpleNamespace(__annotations__={}, __name__="loose"))
+    with pytest.raises(RuntimeError, match=r"loose .*\(constexpr: \[\]\)"):
+        tk._check_mask_params(loose)
 
 
 # -- choosing the backend ----------------------------------------------------------------------

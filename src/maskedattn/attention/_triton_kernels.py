@@ -27,7 +27,6 @@ applied inside every tile. A dense bool mask is folded into the additive bias as
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -36,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import AttentionCall
+from .lowering import OP_FIELDS
 from .masks import Alibi, _pair_ids
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * LOG2E)
@@ -44,6 +44,44 @@ LN2 = 0.6931471805599453
 # Queries per tile in the decode kernel can come from several heads; at most this many per tile.
 DECODE_MAX_QUERIES = 16
 _DECODE_MAX_ROWS = 64
+
+
+# What each field of lowering.OP_FIELDS becomes in the kernels: their mask and score
+# parameters, computed by _mask_args. Upper-case names are constexpr (a kernel variant each).
+# chunk arrives as document ids, dense as -inf in the bias: no parameters of their own. In the
+# order the kernels take them, not OP_FIELDS': the GPU compiler's register allocation follows
+# the order of the run-time parameters (the hot loop's SASS changes with it), and this is the
+# order the kernels were benchmarked with on the H100 (BENCHMARKS.md).
+_LOWERED = {
+    "scale": ("scale2", "s_scale", "PLAIN"),  # the backward kernels also take scale itself
+    "softcap": ("softcap2", "HAS_SOFTCAP"),
+    "prefix": ("prefix",),
+    "window": ("window",),
+    "causal": ("CAUSAL",),  # k <= q or k < prefix
+    "chunk": (),
+    "lengths": ("Lengths", "HAS_LENGTHS"),
+    "documents": ("DocIds", "DocFirst", "DocLast", "sdb", "HAS_DOCS"),
+    "dense": (),
+    "alibi": ("Slopes", "ALIBI"),
+    "bias": ("Bias", "sbb", "sbh", "sbq", "sbk", "HAS_BIAS"),
+}
+
+
+def _mask_params(fields: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """The kernels' mask and score parameters, given :data:`.lowering.OP_FIELDS`."""
+    names = [name for name, _ in fields]
+    if sorted(names) != sorted(_LOWERED):
+        raise RuntimeError(
+            f"lowering.OP_FIELDS has the fields {names}, but the Triton kernels lower"
+            f" {list(_LOWERED)}: say in _triton_kernels._LOWERED what each field becomes,"
+            " compute it in _mask_args and add its parameters to every kernel and tile loop"
+        )
+    return tuple(param for params in _LOWERED.values() for param in params)
+
+
+#: Parameters that every kernel and tile loop takes as one run, in this order (checked at
+#: import).
+MASK_PARAMS = _mask_params(OP_FIELDS)
 
 
 def interpreting() -> bool:
@@ -103,7 +141,7 @@ def _scores(qk, q_pos, k_pos, q_row, q_ok, k_ok, b, head, scale2, softcap2,
 def _visible(q_pos, k_pos, q_ok, k_ok, b, prefix, window, Lengths, DocIds, sdb,
              CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Elementwise visibility of a tile, mirroring :meth:`MaskRule.block` (ChunkedCausal
-    arrives as document ids, see :func:`_score_args`); tails are invisible."""
+    arrives as document ids, see :func:`_mask_args`); tails are invisible."""
     ok = q_ok & k_ok
     if CAUSAL:  # with PrefixLM(n): k <= q or k < n; plain causal has n = 0
         ok = ok & ((k_pos <= q_pos) | (k_pos < prefix))
@@ -228,12 +266,14 @@ _LENGTHS = ["Tq", "Tk", "prefix", "window", "size_class"]
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, skt, skd, svt, svd, start, end,
-               q_pos, q_row, q_ok, b, head, Tk, scale2, s_scale, softcap2, prefix, window,
-               Lengths, DocIds, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-               CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-               PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+               q_pos, q_row, q_ok, b, head, Tk,
+               # MASK_PARAMS, in its order (checked at import):
+               scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+               prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+               DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+               Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr):
     """Online softmax over the key tiles starting in [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -271,13 +311,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, skt, skd, svt, svd, start, end,
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                 sob, soh, sot, sod, Hq, group, Tq, Tk,
-                scale2, s_scale, softcap2, prefix, window,
-                Lengths, DocIds, DocFirst, DocLast, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
+                # MASK_PARAMS, in its order (checked at import):
+                scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+                DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+                Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
                 size_class,  # only a key for autotuning
-                CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     rows, q_ok, start, mid_lo, mid_hi, end = _query_tile(
         Hq, Tq, Tk, prefix, window, Lengths, DocFirst, DocLast, sdb, CAUSAL, HAS_LENGTHS,
         HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -299,10 +340,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
         seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, Kh, Vh, skt, skd, svt, svd, seg_lo, seg_hi,
-            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk, scale2, s_scale, softcap2,
-            prefix, window, Lengths, DocIds, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-            CAUSAL, HAS_LENGTHS, HAS_DOCS, PLAIN, HAS_SOFTCAP, ALIBI, HAS_BIAS, HEAD_DIM,
-            BLOCK_D, BLOCK_N, seg != 1)
+            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk,
+            scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+            Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+            Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
+            HEAD_DIM, BLOCK_D, BLOCK_N, seg != 1)
 
     # A row that sees no key outputs 0 and has LSE -inf (l == 0 exactly then).
     seen = l_i > 0
@@ -318,12 +360,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
 def _decode_kernel(Q, K, V, Opart, LSEpart,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                    Hkv, group, Tq, Tk, chunk,
-                   scale2, s_scale, softcap2, prefix, window,
-                   Lengths, DocIds, DocFirst, DocLast, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-                   CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                   # MASK_PARAMS, in its order (checked at import):
+                   scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                   prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+                   DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+                   Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """One split of the keys for one key/value head; rows are (query head, query) pairs."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -351,9 +394,11 @@ def _decode_kernel(Q, K, V, Opart, LSEpart,
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh, skt, skd, svt, svd,
         lo // BLOCK_N * BLOCK_N, hi, q_pos[:, None], t[:, None], q_ok[:, None], b,
-        head[:, None], Tk, scale2, s_scale, softcap2, prefix, window, Lengths, DocIds, sdb,
-        Slopes, Bias, sbb, sbh, sbq, sbk, CAUSAL, HAS_LENGTHS, HAS_DOCS, PLAIN, HAS_SOFTCAP,
-        ALIBI, HAS_BIAS, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+        head[:, None], Tk,
+        scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+        Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+        Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -427,12 +472,14 @@ def _load_lse2(LSE, rows, ok):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, dO, LSE, Delta, sqt, sqd, sdot, sdod, start, end,
-                k_pos, k_ok, b, head, Tq, offset, scale2, s_scale, softcap2, prefix, window,
-                Lengths, DocIds, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-                CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+                k_pos, k_ok, b, head, Tq, offset,
+                # MASK_PARAMS, in its order (checked at import):
+                scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+                DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+                Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles starting in [start, end).
 
     Works on transposed scores (keys x queries), so no transpose of P or dS is needed.
@@ -475,13 +522,15 @@ def _dkdv_tiles(dk, dv, k, v, Q, dO, LSE, Delta, sqt, sqd, sdot, sdod, start, en
 def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                  sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
-                 Hq, Hkv, group, Tq, Tk, scale, scale2, s_scale, softcap2, prefix, window,
-                 Lengths, DocIds, DocFirst, DocLast, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
+                 Hq, Hkv, group, Tq, Tk, scale,
+                 # MASK_PARAMS, in its order (checked at import):
+                 scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+                 prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+                 DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+                 Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
                  size_class,  # only a key for autotuning
-                 CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -515,10 +564,11 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
             seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, Qh, dOh, LSE + row0, Delta + row0, sqt, sqd, sdot, sdod,
-                seg_lo, seg_hi, k_pos[:, None], k_ok[:, None], b, h, Tq, offset, scale2,
-                s_scale, softcap2, prefix, window, Lengths, DocIds, sdb, Slopes, Bias,
-                sbb, sbh, sbq, sbk, CAUSAL, HAS_LENGTHS, HAS_DOCS, PLAIN, HAS_SOFTCAP, ALIBI,
-                HAS_BIAS, HEAD_DIM, BLOCK_D, BLOCK_M, seg != 1)
+                seg_lo, seg_hi, k_pos[:, None], k_ok[:, None], b, h, Tq, offset,
+                scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+                Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+                Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
+                HEAD_DIM, BLOCK_D, BLOCK_M, seg != 1)
     tl.store(dK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + offs_d[None, :] * sdkd,
              (dk * scale).to(dK.dtype.element_ty), mask=tile_ok)
     tl.store(dV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + offs_d[None, :] * sdvd,
@@ -527,12 +577,14 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K, V, skt, skd, svt, svd, start, end,
-              q_pos, q_row, q_ok, b, head, Tk, scale2, s_scale, softcap2, prefix, window,
-              Lengths, DocIds, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-              CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-              PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              q_pos, q_row, q_ok, b, head, Tk,
+              # MASK_PARAMS, in its order (checked at import):
+              scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+              prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+              DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+              Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles starting in [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -568,13 +620,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skt, skd, svt, svd, start, end,
 def _dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, sdqd,
-               Hq, group, Tq, Tk, scale, scale2, s_scale, softcap2, prefix, window,
-               Lengths, DocIds, DocFirst, DocLast, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
+               Hq, group, Tq, Tk, scale,
+               # MASK_PARAMS, in its order (checked at import):
+               scale2, s_scale, PLAIN: tl.constexpr, softcap2, HAS_SOFTCAP: tl.constexpr,
+               prefix, window, CAUSAL: tl.constexpr, Lengths, HAS_LENGTHS: tl.constexpr,
+               DocIds, DocFirst, DocLast, sdb, HAS_DOCS: tl.constexpr,
+               Slopes, ALIBI: tl.constexpr, Bias, sbb, sbh, sbq, sbk, HAS_BIAS: tl.constexpr,
                size_class,  # only a key for autotuning
-               CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DOCS: tl.constexpr,
-               PLAIN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     rows, q_ok, start, mid_lo, mid_hi, end = _query_tile(
         Hq, Tq, Tk, prefix, window, Lengths, DocFirst, DocLast, sdb, CAUSAL, HAS_LENGTHS,
         HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -598,15 +652,37 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
         seg_lo, seg_hi = _segment(seg, start, mid_lo, mid_hi, end)
         dq = _dq_tiles(
             dq, q, do, lse2, delta, Kh, Vh, skt, skd, svt, svd, seg_lo, seg_hi,
-            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk, scale2, s_scale, softcap2,
-            prefix, window, Lengths, DocIds, sdb, Slopes, Bias, sbb, sbh, sbq, sbk,
-            CAUSAL, HAS_LENGTHS, HAS_DOCS, PLAIN, HAS_SOFTCAP, ALIBI, HAS_BIAS, HEAD_DIM,
-            BLOCK_D, BLOCK_N, seg != 1)
+            q_pos[:, None], rows[:, None], q_ok[:, None], b, h, Tk,
+            scale2, s_scale, PLAIN, softcap2, HAS_SOFTCAP, prefix, window, CAUSAL,
+            Lengths, HAS_LENGTHS, DocIds, DocFirst, DocLast, sdb, HAS_DOCS,
+            Slopes, ALIBI, Bias, sbb, sbh, sbq, sbk, HAS_BIAS,
+            HEAD_DIM, BLOCK_D, BLOCK_N, seg != 1)
     tl.store(dQ + b * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :] * sdqd,
              (dq * scale).to(dQ.dtype.element_ty), mask=tile_ok)
 
 
 # -- launching ---------------------------------------------------------------------------------
+
+
+def _check_mask_params(*fns) -> None:
+    """Each of ``fns`` takes :data:`MASK_PARAMS` as one run of parameters, constexpr exactly
+    where upper case: a field added to OP_FIELDS, or a kernel not updated, fails the import."""
+    for fn in fns:
+        names = fn.arg_names
+        first = names.index(MASK_PARAMS[0]) if MASK_PARAMS[0] in names else 0
+        run = tuple(names[first:first + len(MASK_PARAMS)])
+        hints = fn.fn.__annotations__
+        constexprs = [n for n in run if "constexpr" in str(hints.get(n, ""))]
+        if run != MASK_PARAMS or constexprs != [n for n in run if n.isupper()]:
+            raise RuntimeError(
+                f"{fn.fn.__name__} takes the parameters {run} (constexpr: {constexprs}) where"
+                f" MASK_PARAMS {MASK_PARAMS} belong (constexpr where upper case)"
+            )
+
+
+_check_mask_params(_fwd_tiles, _fwd_kernel, _decode_kernel, _dkdv_tiles, _dkdv_kernel,
+                   _dq_tiles, _dq_kernel)
+
 
 # Tile sizes, a short list per kernel, autotuned once per head dim, mask kind and size class.
 # Picked with the sm_90 compiler's register report and timings on an H100 (BENCHMARKS.md); the
@@ -636,8 +712,8 @@ _KERNELS = {  # name: (kernel, configs for D <= 128, config for wider heads)
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})
 # size_class (the sequence length rounded up to a power of two) is an argument only for this
 # key: the best tile differs between short and long sequences, not between 3000 and 3100.
-_TUNING_KEY = ["HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_DOCS", "PLAIN", "HAS_SOFTCAP",
-               "ALIBI", "HAS_BIAS", "size_class"]
+# The mask's constexpr flags are in the key too: each is a kernel variant of its own.
+_TUNING_KEY = ["HEAD_DIM", *(p for p in MASK_PARAMS if p.isupper()), "size_class"]
 
 # Set to False to launch the first config of each list (tests do, to compile less).
 AUTOTUNE = not interpreting()
@@ -671,15 +747,8 @@ def _launch(name: str, grid, *args, tq: int, tk: int, **kwargs) -> None:
                  num_stages=config.num_stages)
 
 
-@dataclass(frozen=True, eq=False)
-class _Scores:
-    """Everything the kernels need to know about the mask and the scores of one call."""
-
-    kwargs: dict  # kernel keyword arguments shared by the forward and backward kernels
-    scale: float
-
-
-def _score_args(call: AttentionCall) -> _Scores:
+def _mask_args(call: AttentionCall) -> dict:
+    """The kernels' mask arguments for ``call``: :data:`MASK_PARAMS` by name, in order."""
     rule, b, hq, tq, tk = call.rule, call.batch, call.q_heads, call.q_len, call.k_len
     device = call.device
     lengths = doc_ids = doc_first = doc_last = slopes = bias = None
@@ -701,28 +770,30 @@ def _score_args(call: AttentionCall) -> _Scores:
         # A user's dense mask becomes -inf in the additive bias: one tensor read per tile.
         zero = torch.zeros((), dtype=call.dtype, device=device)
         bias = torch.where(rule.dense, zero if bias is None else bias, float("-inf"))
+    sbb = sbh = sbq = sbk = 0
     if bias is not None:
         bias = bias.expand(b, hq, tq, tk)
+        sbb, sbh, sbq, sbk = bias.stride()
     plain = call.softcap is None and slopes is None and bias is None
     scale2 = call.scale * LOG2E
-    kwargs = dict(
-        scale2=scale2, s_scale=scale2 if plain else 1.0,
-        softcap2=(call.softcap or 1.0) * LOG2E,
+    return dict(
+        scale2=scale2, s_scale=scale2 if plain else 1.0, PLAIN=plain,
+        softcap2=(call.softcap or 1.0) * LOG2E, HAS_SOFTCAP=call.softcap is not None,
         # PrefixLM(n) is "k <= q or k < n"; a causal mask is the same with n = 0.
         prefix=0 if rule.causal or rule.prefix is None else rule.prefix,
         window=rule.window if rule.window is not None else tk + 1,
-        Lengths=lengths, DocIds=doc_ids, DocFirst=doc_first, DocLast=doc_last,
-        sdb=0 if doc_ids is None or doc_ids.shape[0] == 1 else tk,
-        Slopes=slopes, Bias=bias,
-        sbb=0, sbh=0, sbq=0, sbk=0,
-        CAUSAL=rule.causal or rule.prefix is not None, HAS_LENGTHS=lengths is not None,
-        HAS_DOCS=doc_ids is not None, PLAIN=plain, HAS_SOFTCAP=call.softcap is not None,
-        ALIBI=slopes is not None, HAS_BIAS=bias is not None,
-        HEAD_DIM=call.head_dim, BLOCK_D=max(16, triton.next_power_of_2(call.head_dim)),
+        CAUSAL=rule.causal or rule.prefix is not None,
+        Lengths=lengths, HAS_LENGTHS=lengths is not None,
+        DocIds=doc_ids, DocFirst=doc_first, DocLast=doc_last,
+        sdb=0 if doc_ids is None or doc_ids.shape[0] == 1 else tk, HAS_DOCS=doc_ids is not None,
+        Slopes=slopes, ALIBI=slopes is not None,
+        Bias=bias, sbb=sbb, sbh=sbh, sbq=sbq, sbk=sbk, HAS_BIAS=bias is not None,
     )
-    if bias is not None:
-        kwargs.update(zip(("sbb", "sbh", "sbq", "sbk"), bias.stride(), strict=True))
-    return _Scores(kwargs, call.scale)
+
+
+def _head(d: int) -> dict:
+    """HEAD_DIM, and BLOCK_D: the tile width that holds it (a power of two, 16 at least)."""
+    return {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d))}
 
 
 def _document_bounds(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -753,21 +824,21 @@ def _use_decode(q: Tensor, k: Tensor) -> bool:
     return q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] > q.shape[2]
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, sc: _Scores) -> tuple[Tensor, Tensor]:
-    b, hq, tq, _ = q.shape
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: dict) -> tuple[Tensor, Tensor]:
+    b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     if _use_decode(q, k):
-        _decode(q, k, v, o, lse, sc)
+        _decode(q, k, v, o, lse, mask)
         return o, lse
     _launch("fwd", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq),
             q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            hq, hq // hkv, tq, tk, **sc.kwargs, tq=tq, tk=tk)
+            hq, hq // hkv, tq, tk, **_head(d), **mask, tq=tq, tk=tk)
     return o, lse
 
 
-def _decode(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, sc: _Scores) -> None:
+def _decode(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: dict) -> None:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -783,47 +854,48 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, sc: _Scores
                             triton.cdiv(tk, 256)))
         chunk = triton.cdiv(triton.cdiv(tk, splits), block_n) * block_n
     splits = triton.cdiv(tk, chunk)
-    block_d = sc.kwargs["BLOCK_D"]
-    opart = torch.empty((splits, b * hq * tq, block_d), dtype=torch.float32, device=q.device)
-    lsepart = torch.empty((splits, b * hq * tq), dtype=torch.float32, device=q.device)
+    head = _head(d)
+    rows = (splits, b * hq * tq)
+    opart = torch.empty((*rows, head["BLOCK_D"]), dtype=torch.float32, device=q.device)
+    lsepart = torch.empty(rows, dtype=torch.float32, device=q.device)
     _decode_kernel[(splits, b * hkv, row_blocks)](
         q, k, v, opart, lsepart, *q.stride(), *k.stride(), *v.stride(), hkv, group, tq, tk,
-        chunk, **sc.kwargs, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, num_stages=3)
+        chunk, **head, BLOCK_R=block_r, BLOCK_N=block_n, **mask, num_warps=4, num_stages=3)
     _merge_kernel[(b * hq * tq,)](
-        opart, lsepart, o, lse, splits, hq, tq, *o.stride(), HEAD_DIM=d, BLOCK_D=block_d,
+        opart, lsepart, o, lse, splits, hq, tq, *o.stride(), **head,
         BLOCK_S=triton.next_power_of_2(splits))
 
 
 def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
-              lse: Tensor, sc: _Scores) -> tuple[Tensor, Tensor, Tensor]:
+              lse: Tensor, scale: float, mask: dict) -> tuple[Tensor, Tensor, Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    kw = sc.kwargs
+    head = _head(d)
     if dlse is not None:
         dlse = dlse.contiguous()  # the kernel reads it as (B, Hq, Tq); sum() gives stride 0
     delta = torch.empty_like(lse)
     _delta_kernel[(triton.cdiv(tq, 64), b * hq)](
         o, do, dlse, delta, *o.stride(), *do.stride(), hq, tq, HAS_DLSE=dlse is not None,
-        HEAD_DIM=d, BLOCK_D=kw["BLOCK_D"], BLOCK_M=64)
+        **head, BLOCK_M=64)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _launch("dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hkv),
             q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
-            hq, hkv, hq // hkv, tq, tk, sc.scale, **kw, tq=tq, tk=tk)
+            hq, hkv, hq // hkv, tq, tk, scale, **head, **mask, tq=tq, tk=tk)
     _launch("dq", lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq),
             q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
-            hq, hq // hkv, tq, tk, sc.scale, **kw, tq=tq, tk=tk)
+            hq, hq // hkv, tq, tk, scale, **head, **mask, tq=tq, tk=tk)
     return dq, dk, dv
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Tq, D) and LSE (B, Hq, Tq) for a validated call (``triton_fwd``)."""
-    return _forward(q, k, v, _score_args(call))
+    return _forward(q, k, v, _mask_args(call))
 
 
 def backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
              lse: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), the probabilities recomputed from the LSE (``triton_bwd``)."""
-    return _backward(do, dlse, q, k, v, o, lse, _score_args(call))
+    return _backward(do, dlse, q, k, v, o, lse, call.scale, _mask_args(call))

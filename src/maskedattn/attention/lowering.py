@@ -10,7 +10,8 @@ typed parameters: the one definition from which
   optional tensors, with nothing data-dependent in Python;
 - :func:`op_args` flattens a call and :func:`call_from_op_args` rebuilds it inside a kernel;
 - the native kernel's argument struct is generated (:mod:`.native`; the C side checks its
-  layout at load time) and the Triton kernels read the same fields.
+  layout at load time), and the Triton kernels' mask parameters are named
+  (``_triton_kernels.MASK_PARAMS``; every kernel's signature is checked against it at import).
 
 Interval parameters use -1 for "absent" and 0.0 for "no softcap", so that every field has one
 fixed type. The interval formulas themselves live once, in :meth:`MaskRule.classify` and

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("fwd", "dkdv", "dq"):
         for key, config in _triton_kernels._autotuned(name).cache.items():
-            print(f"autotuned {name} {key[:2]}: {config}")
+            # the key's values come first, then the arguments' dtypes
+            named = dict(zip(_triton_kernels._TUNING_KEY, key, strict=False))
+            print(f"autotuned {name} D={named['HEAD_DIM']} causal={named['CAUSAL']}: {config}")
     if args.json:
         meta = dict(date=datetime.date.today().isoformat(), device=device,
                     torch=torch.__version__, host=platform.node(), matmul_tflops=peak)
