@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ _LAYOUTS = ("zigzag", "contiguous")
 # Message tags: key/value blocks, gradients passed along the ring, finished gradients going home
 # (gloo matches by tag, so a message can never land in the wrong buffer).
 _BLOCK, _GRAD, _HOME = 1, 2, 3
+# The backward computes each pair in up to this many pieces of query rows (and half as many of
+# keys, where no position matters): see _pieces.
+_PIECES = 4
 
 
 @dataclass
@@ -291,10 +295,16 @@ class _Frame:
     lse_shift: Tensor | None  # (1, H, 1): the frame's LSE minus the global one (Alibi)
 
 
-def _frame(k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> _Frame:
-    """How query chunk ``qc`` reads key chunk ``kc`` in the backend's frame (queries at the end)."""
+def _frame(k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan, n: int | None = None) -> _Frame:
+    """How query chunk ``qc`` reads key chunk ``kc`` in the backend's frame (queries at the end).
+
+    ``n``: on the diagonal, the call reads only the chunk's first ``n`` keys (``k`` and ``v``
+    hold those), with queries the ``n`` last positions' (a piece of the chunk under a causal
+    mask, which hides the keys after it).
+    """
     c, rule, kind = plan.chunk, plan.rule, plan.kinds[qc][kc]
     qa, kb = qc * c, kc * c  # global start positions
+    n = c if n is None else n
     parts: list[Mask] = []
     shift = None  # with a frame: how far the global distances exceed the frame's
     lengths = rule.lengths - kb if rule.lengths is not None else None
@@ -303,12 +313,12 @@ def _frame(k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> _Frame:
             parts.append(SlidingWindow(rule.window))
         elif rule.causal:
             parts.append(Causal())
-        elif rule.prefix is not None and rule.prefix - qa < c:
+        elif rule.prefix is not None and rule.prefix - qa < n:
             parts.append(PrefixLM(max(rule.prefix - qa, 0)))
-        if lengths is not None and bool((lengths < c).any()):
-            parts.append(Padding(lengths.clamp(0, c)))
+        if lengths is not None and bool((lengths < n).any()):
+            parts.append(Padding(lengths.clamp(0, n)))
         if rule.documents is not None:
-            parts.append(Documents(rule.documents[:, kb:kb + c]))
+            parts.append(Documents(rule.documents[:, kb:kb + n]))
     elif kind != TileKind.FULL or plan.bias is not None:
         if qc < kc and rule.prefix is not None:  # queries before keys: only the prefix is read
             lengths = torch.minimum(lengths, torch.tensor(rule.prefix - kb)) \
@@ -347,23 +357,43 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tup
     return out, (lse if f.lse_shift is None else lse - f.lse_shift)
 
 
+def _pieces(plan: _Plan, qc: int, kc: int) -> list[tuple[slice, slice]]:
+    """(query rows, keys) of the pair, in pieces where that is exact: the flash backward's
+    temporaries (its gradients, its packed copies of q and d_out) then scale with a piece."""
+    c, kind = plan.chunk, plan.kinds[qc][kc]
+    quarters, halves = _split(c, _PIECES), _split(c, _PIECES // 2)
+    if qc != kc and kind == TileKind.FULL and plan.bias is None:
+        # No position matters. Key pieces are twice as long, as a backend call wants Tq <= Tk.
+        return [(rows, keys) for keys in halves for rows in quarters]
+    if qc == kc and plan.rule.causal:  # a piece of queries reads the keys up to its end
+        return [(rows, slice(0, rows.stop)) for rows in quarters]
+    return [(slice(0, c), slice(0, c))]
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    cuts = [i * n // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
 def _pair_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
-                   qc: int, kc: int, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the pair's share of the merged attention (out, lse of every key).
+                   qc: int, kc: int, plan: _Plan):
+    """Yields (rows, keys, dq, dk, dv): the gradients of the pair's share of the merged
+    attention (out, lse of every key), piece by piece (:func:`_pieces`).
 
     The flash backward recomputes the pair's probabilities as exp(s - lse) with the *merged*
     LSE, so they are already the pair's share of the whole row, and its delta = rowsum(d_out *
     out) is the merged output's: the pair's gradients, with no forward recomputed.
     """
-    f = _frame(k, v, qc, kc, plan)
-    call = lower_call(q, f.k, f.v, f.mask, bias=plan.bias, softcap=plan.softcap,
-                      scale=plan.scale)
-    if f.lse_shift is not None:
-        lse = lse + f.lse_shift
-    dq, dk, dv = ops.flash_backward(plan.flash, d_out, None, q, f.k, f.v, out.to(q.dtype), lse,
-                                    op_args(call))
-    c = k.shape[2]  # a frame's placeholders get gradients too: dropped
-    return dq, dk[:, :, :c], dv[:, :, :c]
+    for rows, keys in _pieces(plan, qc, kc):
+        f = _frame(k[:, :, keys], v[:, :, keys], qc, kc, plan, keys.stop if qc == kc else None)
+        qi = q[:, :, rows]
+        call = lower_call(qi, f.k, f.v, f.mask, bias=plan.bias, softcap=plan.softcap,
+                          scale=plan.scale)
+        lse_i = lse[:, :, rows] if f.lse_shift is None else lse[:, :, rows] + f.lse_shift
+        dq, dk, dv = ops.flash_backward(plan.flash, d_out[:, :, rows], None, qi, f.k, f.v,
+                                        out[:, :, rows].to(q.dtype), lse_i, op_args(call))
+        n = keys.stop - keys.start  # a frame's placeholders get gradients too: dropped
+        yield rows, keys, dq, dk[:, :, :n], dv[:, :, :n]
 
 
 def _merge_into(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
@@ -513,6 +543,7 @@ class _RingAttention(torch.autograd.Function):
         # finished sum coming home, received into the same tensors.
         own_grad = tuple(torch.zeros_like(t, dtype=torch.float32) for t in own)
         blocks, grads = _Buffers(own), _Buffers(own, torch.float32)
+        spare = _Buffers(tuple(t.narrow(2, 0, plan.chunk) for t in own), torch.float32)
         held: tuple[Tensor, ...] | None = own
         sending, sent = None, None  # the gradient sent on last step, waited for one step later
         home = None
@@ -530,7 +561,7 @@ class _RingAttention(torch.autograd.Function):
             if held is not None:
                 if plan.reads(r, src):
                     with _timed(plan):
-                        _block_grads(plan, rows, dq, held, grad, src, acc)
+                        _block_grads(plan, rows, dq, held, grad, src, acc, spare)
                 elif acc is not None:
                     acc.wait()
                 if sending is not None:
@@ -579,13 +610,15 @@ def _send(plan: _Plan, tensors: tuple[Tensor, ...], to: int, tag: int) -> _Messa
     return msgs.start()
 
 
-def _block_grads(plan: _Plan, rows: _Rows, dq: Tensor, held: tuple[Tensor, ...],
-                 grad: tuple[Tensor, ...], src: int, acc: _Messages | None) -> None:
+def _block_grads(plan: _Plan, local: _Rows, dq: Tensor, held: tuple[Tensor, ...],
+                 grad: tuple[Tensor, ...], src: int, acc: _Messages | None,
+                 spare: _Buffers) -> None:
     """Add this rank's gradient contributions for the block of ``src``: to ``dq``, and to the
     block's ``grad``, which ``acc`` (if given) is still receiving from the previous rank.
 
-    The first key chunk's contributions are summed apart while that message is in flight (so
-    it stays hidden behind their compute), then added to it; later chunks add straight in.
+    The first key chunk's contributions are summed apart (in chunk-sized ``spare`` buffers)
+    while that message is in flight, so that it stays hidden behind their compute, then added
+    to it; later chunks add straight in.
     """
     mine = chunks_of(plan.rank, plan.world, plan.layout)
     theirs = chunks_of(src, plan.world, plan.layout)
@@ -593,28 +626,28 @@ def _block_grads(plan: _Plan, rows: _Rows, dq: Tensor, held: tuple[Tensor, ...],
     dks, dvs = _slices(grad[0], len(theirs)), _slices(grad[1], len(theirs))
     dqs = _slices(dq, len(mine))
     for j, kc in enumerate(theirs):
-        apart: list[Tensor] | None = None
+        apart: tuple[Tensor, Tensor] | None = None
         for i, qc in enumerate(mine):
             if plan.kinds[qc][kc] == TileKind.EMPTY:
                 continue
-            gq, gk, gv = _pair_backward(rows.q[i], ks[j], vs[j], rows.out[i], rows.lse[i],
-                                        rows.d_out[i], qc, kc, plan)
-            dqs[i].add_(gq)
-            if acc is None:
-                dks[j].add_(gk)
-                dvs[j].add_(gv)
-            elif apart is None:
-                apart = [gk.float(), gv.float()]
-            else:
-                apart[0].add_(gk)
-                apart[1].add_(gv)
-            del gq, gk, gv
+            for rows, keys, gq, gk, gv in _pair_backward(
+                    local.q[i], ks[j], vs[j], local.out[i], local.lse[i], local.d_out[i], qc, kc,
+                    plan):
+                dqs[i][:, :, rows].add_(gq)
+                if acc is not None and apart is None:
+                    apart = tuple(t.zero_() for t in spare.take())
+                dk, dv = apart if acc is not None else (dks[j], dvs[j])
+                dk[:, :, keys].add_(gk)
+                dv[:, :, keys].add_(gv)
+                del gq, gk, gv
         if acc is not None:
             acc.wait()
             acc = None
             if apart is not None:
                 dks[j].add_(apart[0])
                 dvs[j].add_(apart[1])
+                spare.give(apart, True)
+                apart = None
     if acc is not None:
         acc.wait()
 
