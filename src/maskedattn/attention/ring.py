@@ -11,7 +11,12 @@ outputs merge exactly through their log-sum-exps::
 
 The backward (:class:`_RingAttention`) sends the key/value blocks around again, together with
 the gradient of each block's keys and values, which every rank it visits adds to; the last
-rank that reads a block sends the finished gradient straight back to its owner.
+rank that reads a block sends the finished gradient straight back to its owner. Each pair's
+gradients come from the local flash backward operator (:func:`.ops.flash_backward`) given the
+*merged* output and LSE, so no pair's forward is recomputed, and the backward holds only q, k,
+v, the output, the LSE and its gradient of the shard, plus the blocks in flight. Messages land
+in buffers reused from step to step; pairs run in pieces of query rows where that is exact, so
+the operator's temporaries stay a fraction of a chunk.
 
 Layouts: the sequence is cut into chunks of equal length c.
 
@@ -24,8 +29,9 @@ Layouts: the sequence is cut into chunks of equal length c.
       rank     0 1 2 3 3 2 1 0
 
 Masks are written for the *whole* sequence (global positions): ``Causal()``, ``SlidingWindow``,
-``PrefixLM``, ``Padding(lengths)`` and ``Documents(ids)`` with ``ids`` of shape (B or 1, T), and
-their combinations. Each (query chunk, key chunk) pair is classified once from the rule
+``PrefixLM``, ``ChunkedCausal(n)`` (served as documents whose ids are position // n),
+``Padding(lengths)`` and ``Documents(ids)`` with ``ids`` of shape (B or 1, T), and their
+combinations. Each (query chunk, key chunk) pair is classified once from the rule
 (:meth:`MaskRule.classify` on chunk-sized tiles): empty pairs are skipped, and a block is sent
 on only while some rank further along the ring will read it (a sliding window stops its blocks
 after a hop or two; causal blocks never wrap around to the ranks before their owner).
@@ -39,7 +45,8 @@ leaves the probabilities unchanged and shifts the LSE by that constant (added ba
 placeholders are hidden by ``Padding``, so the backends skip their tiles.
 
 Not served (a clear error says so): dense masks and bias tensors (not positional), Alibi when
-queries read keys after them (bidirectional masks across chunks), and Tq != Tk.
+queries read keys after them (bidirectional masks across chunks), Tq != Tk, and dtypes or
+devices the flash operators do not compute (float64; devices other than CPU and CUDA).
 Sequence lengths not divisible by the number of chunks: :func:`shard` pads with zeros at the end
 and ``seq_len=`` tells :func:`ring_attention` to hide the padded keys; :func:`gather` trims them.
 """
@@ -539,19 +546,31 @@ class _RingAttention(torch.autograd.Function):
         rows = _Rows(_slices(q, m), _slices(out, m), _slices(lse, m), _slices(d_out, m))
         dq = torch.zeros_like(q, dtype=torch.float32)
         own = (k.contiguous(), v.contiguous())
-        # This rank's dk and dv: its own partial first, then (if others read the block) the
-        # finished sum coming home, received into the same tensors.
-        own_grad = tuple(torch.zeros_like(t, dtype=torch.float32) for t in own)
-        blocks, grads = _Buffers(own), _Buffers(own, torch.float32)
+        last = plan.last_step(r)
+        blocks = _Buffers(own)
+        # Block-sized gradient buffers circulate: this rank's own partial first, then the
+        # gradient of each block it holds; one whose message has left serves again, and this
+        # rank's finished gradient comes home into one of them.
+        grads = _Buffers(own, torch.float32)
         spare = _Buffers(tuple(t.narrow(2, 0, plan.chunk) for t in own), torch.float32)
+        partial = tuple(t.zero_() for t in grads.take())
+        mine = partial  # this rank's dk and dv when it is done
         held: tuple[Tensor, ...] | None = own
         sending, sent = None, None  # the gradient sent on last step, waited for one step later
         home = None
+
+        def release(step: int) -> None:
+            nonlocal sending, sent
+            sending.wait()
+            grads.give(sent, _receives_after(plan, step - 1)
+                       or (home is None and last > 0 and step <= last))
+            sending, sent = None, None
+
         for step in range(plan.steps):
             src = (r - step) % n
             # The gradient of the block held now, summed by the ranks before it; posted before
             # the next block's messages, in the order the sender sent them.
-            acc, grad = None, own_grad
+            acc, grad = None, partial
             if step > 0 and held is not None:
                 acc, grad = _Messages(plan), grads.take()
                 for t in grad:
@@ -565,22 +584,19 @@ class _RingAttention(torch.autograd.Function):
                 elif acc is not None:
                     acc.wait()
                 if sending is not None:
-                    sending.wait()
-                    if sent is not own_grad:
-                        grads.give(sent, _receives_after(plan, step - 1))
-                sending, sent = None, None
+                    release(step)
                 if plan.forwards(src, step):
                     sending, sent = _send(plan, grad, (r + 1) % n, _GRAD), grad
                 elif src != r:  # the last reader: the finished gradient goes home
                     sending, sent = _send(plan, grad, src, _HOME), grad
-            if step == plan.last_step(r) and step > 0:
-                # This rank's finished gradient, from the last rank that reads its block,
-                # lands where its own partial was, once that has left.
-                if sent is own_grad:
-                    sending.wait()
-                    sending, sent = None, None
+            if step == last and step > 0:
+                # This rank's finished gradient, from the last rank that reads its block, into
+                # a buffer whose message has left.
+                if sent is partial:
+                    release(step)
+                mine = grads.take()
                 home = _Messages(plan)
-                for t in own_grad:
+                for t in mine:
                     home.recv(t, (r + step) % n, _HOME)
                 home.start()
             msgs.wait()
@@ -590,7 +606,7 @@ class _RingAttention(torch.autograd.Function):
         for pending in (home, sending):
             if pending is not None:
                 pending.wait()
-        return dq.to(q.dtype), own_grad[0].to(k.dtype), own_grad[1].to(v.dtype), None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None
 
 
 @dataclass
