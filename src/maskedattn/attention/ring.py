@@ -87,7 +87,8 @@ _LAYOUTS = ("zigzag", "contiguous")
 # (gloo matches by tag, so a message can never land in the wrong buffer).
 _BLOCK, _GRAD, _HOME = 1, 2, 3
 # The backward computes each pair in up to this many pieces of query rows (and half as many of
-# keys, where no position matters): see _pieces.
+# keys, where no position matters): see _pieces. Eighths would save another 30 MiB per rank at
+# N = 2 (T = 32768, BENCHMARKS.md) but cost 5-7% more backward time: pieces of 512-1024 rows.
 _PIECES = 4
 
 
@@ -305,9 +306,9 @@ class _Frame:
 def _frame(k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan, n: int | None = None) -> _Frame:
     """How query chunk ``qc`` reads key chunk ``kc`` in the backend's frame (queries at the end).
 
-    ``n``: on the diagonal, the call reads only the chunk's first ``n`` keys (``k`` and ``v``
-    hold those), with queries the ``n`` last positions' (a piece of the chunk under a causal
-    mask, which hides the keys after it).
+    ``n``: on the diagonal, how many of the chunk's keys the call reads (``k`` and ``v`` hold
+    those): a piece of the chunk's queries under a causal mask reads the keys up to its own
+    end, and sits at the end of them.
     """
     c, rule, kind = plan.chunk, plan.rule, plan.kinds[qc][kc]
     qa, kb = qc * c, kc * c  # global start positions
