@@ -41,6 +41,8 @@ def _masks(t: int, b: int) -> dict[str, object]:
         "causal-padding": Causal() & Padding([t - 5, t // 2][:b]),
         "documents": Causal() & Documents(ids),
         "documents-bidirectional": Documents(ids),
+        "chunked": ChunkedCausal(max(2, t // 5)),  # chunks that straddle the ranks' chunks
+        "chunked-documents": ChunkedCausal(max(2, t // 4)) & Documents(ids),
     }
 
 
@@ -99,8 +101,8 @@ def _features(rank, world):
         ring.ring_attention(x, x, x, None, bias=Alibi(torch.ones(2)))
     with pytest.raises(ValueError, match="multiple of 2"):
         ring.ring_attention(x[:, :, :7], x[:, :, :7], x[:, :, :7], Causal())
-    with pytest.raises(ValueError, match="ChunkedCausal is not served"):  # not dropped silently
-        ring.ring_attention(x, x, x, ChunkedCausal(4))
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        ring.ring_attention(x.double(), x.double(), x.double(), Causal())
 
 
 def _skipping(rank, world):
@@ -138,7 +140,8 @@ def _group_released(rank, world):
 
 
 def _four_ranks(rank, world):
-    _all_masks(rank, world, (35,), ("zigzag",), ("causal", "window", "prefix", "documents"))
+    _all_masks(rank, world, (35,), ("zigzag",),
+               ("causal", "window", "prefix", "documents", "chunked"))
     _skipping(rank, world)
 
 

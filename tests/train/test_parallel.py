@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskedattn.model import GPT
-from tests.distributed import free_port
+from maskedattn.model import GPT, GPTConfig
+from maskedattn.train import parallel
+from tests.distributed import free_port, run_ranks
 from tests.train.test_train import TINY_FLAGS, cli, losses, quiet_env
 
 ARGS = ["--task", "induction", "--task-size", "8", *TINY_FLAGS, "--positions", "rope",
@@ -45,11 +46,17 @@ def straight(tmp_path_factory) -> Path:
     return out
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r}
+
+
 def test_context_parallel_equals_one_process_and_resumes_on_one(straight, tmp_path) -> None:
     cp = tmp_path / "cp"
     # Two micro-batches as well: DDP's no_sync on the first (the same global batch).
     torchrun(2, *ARGS, "--context-parallel", "2", "--grad-accum", "2", "--out", str(cp))
     assert_same_losses(losses(cp), losses(straight), [1, 2, 3, 4])
+    assert_same_losses(val_losses(cp), val_losses(straight), [2, 4])  # evaluated by the ring
     # The same checkpoint format: from_pretrained reads it, weights equal the one-process run's.
     ours, theirs = (GPT.from_pretrained(d / "step-000004") for d in (cp, straight))
     for (name, p), q in zip(ours.state_dict().items(), theirs.state_dict().values(),
@@ -64,6 +71,35 @@ def test_context_parallel_equals_one_process_and_resumes_on_one(straight, tmp_pa
     subprocess.run(cli("--resume", str(resumed)), check=True, env=quiet_env(), timeout=120)
     assert sorted(losses(resumed)) == [3, 4]
     assert_same_losses(losses(resumed), losses(straight), [3, 4])
+
+
+def _whole_logits(rank, world):
+    torch.manual_seed(0)  # the same model on every rank
+    model = GPT(GPTConfig.preset("tiny", n_layer=2, context=32, positions="rope")).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 13))  # padded to 16 in the ring
+    documents = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
+    ring_calls = []
+    real = parallel.ring_attention
+
+    def counted(*args, **kwargs):
+        ring_calls.append(1)
+        return real(*args, **kwargs)
+
+    parallel.ring_attention = counted
+    try:
+        got = parallel.ContextParallel(model, None).whole_logits(tokens, documents=documents)
+    finally:
+        parallel.ring_attention = real
+    assert len(ring_calls) == model.config.n_layer  # every layer's attention went round the ring
+    with torch.no_grad():
+        want = model(tokens, documents=documents).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_parallel_evaluation_uses_the_ring() -> None:
+    """What validation runs under --context-parallel: every position's logits, each rank's part
+    through the ring, equal to one process's."""
+    run_ranks(_whole_logits, 2)
 
 
 def test_fsdp_resumes_one_process_run_on_two(straight, tmp_path) -> None:

@@ -11,7 +11,12 @@ outputs merge exactly through their log-sum-exps::
 
 The backward (:class:`_RingAttention`) sends the key/value blocks around again, together with
 the gradient of each block's keys and values, which every rank it visits adds to; the last
-rank that reads a block sends the finished gradient straight back to its owner.
+rank that reads a block sends the finished gradient straight back to its owner. Each pair's
+gradients come from the local flash backward operator (:func:`.ops.flash_backward`) given the
+*merged* output and LSE, so no pair's forward is recomputed, and the backward holds only q, k,
+v, the output, the LSE and its gradient of the shard, plus the blocks in flight. Messages land
+in buffers reused from step to step; pairs run in pieces of query rows where that is exact, so
+the operator's temporaries stay a fraction of a chunk.
 
 Layouts: the sequence is cut into chunks of equal length c.
 
@@ -24,8 +29,9 @@ Layouts: the sequence is cut into chunks of equal length c.
       rank     0 1 2 3 3 2 1 0
 
 Masks are written for the *whole* sequence (global positions): ``Causal()``, ``SlidingWindow``,
-``PrefixLM``, ``Padding(lengths)`` and ``Documents(ids)`` with ``ids`` of shape (B or 1, T), and
-their combinations. Each (query chunk, key chunk) pair is classified once from the rule
+``PrefixLM``, ``ChunkedCausal(n)`` (served as documents whose ids are position // n),
+``Padding(lengths)`` and ``Documents(ids)`` with ``ids`` of shape (B or 1, T), and their
+combinations. Each (query chunk, key chunk) pair is classified once from the rule
 (:meth:`MaskRule.classify` on chunk-sized tiles): empty pairs are skipped, and a block is sent
 on only while some rank further along the ring will read it (a sliding window stops its blocks
 after a hop or two; causal blocks never wrap around to the ranks before their owner).
@@ -39,7 +45,8 @@ leaves the probabilities unchanged and shifts the LSE by that constant (added ba
 placeholders are hidden by ``Padding``, so the backends skip their tiles.
 
 Not served (a clear error says so): dense masks and bias tensors (not positional), Alibi when
-queries read keys after them (bidirectional masks across chunks), and Tq != Tk.
+queries read keys after them (bidirectional masks across chunks), Tq != Tk, and dtypes or
+devices the flash operators do not compute (float64; devices other than CPU and CUDA).
 Sequence lengths not divisible by the number of chunks: :func:`shard` pads with zeros at the end
 and ``seq_len=`` tells :func:`ring_attention` to hide the padded keys; :func:`gather` trims them.
 """
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,7 +64,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import ops
 from .api import attention
+from .lowering import lower_call, op_args
 from .masks import (
     Alibi,
     Causal,
@@ -76,6 +86,10 @@ _LAYOUTS = ("zigzag", "contiguous")
 # Message tags: key/value blocks, gradients passed along the ring, finished gradients going home
 # (gloo matches by tag, so a message can never land in the wrong buffer).
 _BLOCK, _GRAD, _HOME = 1, 2, 3
+# The backward computes each pair in up to this many pieces of query rows (and half as many of
+# keys, where no position matters): see _pieces. Eighths would save another 30 MiB per rank at
+# N = 2 (T = 32768, BENCHMARKS.md) but cost 5-7% more backward time: pieces of 512-1024 rows.
+_PIECES = 4
 
 
 @dataclass
@@ -177,6 +191,7 @@ class _Plan:
     softcap: float | None
     scale: float | None
     backend: str
+    flash: str  # the flash operators whose backward serves every pair: "tiled" or "triton"
     stats: RingStats | None
 
     def reads(self, dst: int, src: int) -> bool:
@@ -235,9 +250,11 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
                          " positional)")
     if rule.window is not None and not rule.causal:
         raise ValueError("ring_attention: a window without causality is not served")
-    if rule.chunk is not None:
-        raise ValueError("ring_attention: ChunkedCausal is not served yet; use Causal() with"
-                         " Documents(chunk ids), which is the same mask")
+    flash = {"cpu": "tiled", "cuda": "triton"}.get(q.device.type)
+    if flash is None or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"ring_attention: serves float32, bfloat16 and float16 on CPU and CUDA"
+                         f" (its backward runs the flash operators), got {q.dtype} on"
+                         f" {q.device.type}")
     if rule.documents is not None:
         ids = rule.documents
         if ids.shape[1] > total or (seq_len is None and ids.shape[1] != total):
@@ -246,6 +263,10 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
         if ids.shape[1] < total:  # padded positions: a document of their own
             ids = torch.nn.functional.pad(ids, (0, total - ids.shape[1]), value=-1)
         rule = dataclasses.replace(rule, documents=ids.to(q.device))
+    if rule.chunk is not None:
+        # ChunkedCausal(n): chunks of n positions are documents with ids global position // n.
+        chunk_ids = (torch.arange(total, device=q.device) // rule.chunk)[None]
+        rule = dataclasses.replace(rule, chunk=None) & MaskRule(documents=chunk_ids)
     if seq_len is not None:
         if not 1 <= seq_len <= total:
             raise ValueError(f"ring_attention: seq_len must be in [1, {total}], got {seq_len}")
@@ -260,7 +281,7 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
                         torch.where(kinds[0] == TileKind.FULL, TileKind.FULL, TileKind.PARTIAL))
     plan = _Plan(group, rank, world, layout, c, rule, table.tolist(),
                  Alibi(bias.slopes.to(q.device, torch.float32)) if bias is not None else None,
-                 softcap, scale, backend, stats)
+                 softcap, scale, backend, flash, stats)
     if plan.bias is not None and not rule.causal:
         n = _n_chunks(world, layout)
         if any(plan.kinds[qc][kc] != TileKind.EMPTY for qc in range(n) for kc in range(qc + 1, n)):
@@ -272,10 +293,26 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
 # -- one (query chunk, key chunk) pair in the local backend's coordinates ----------------------
 
 
-def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tuple[Tensor, Tensor]:
-    """Attention of query chunk ``qc`` against key chunk ``kc``: (output, lse), exact."""
+@dataclass
+class _Frame:
+    """One pair as a local call: the keys and values it reads, its mask, its LSE offset."""
+
+    k: Tensor
+    v: Tensor
+    mask: Mask | None
+    lse_shift: Tensor | None  # (1, H, 1): the frame's LSE minus the global one (Alibi)
+
+
+def _frame(k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan, n: int | None = None) -> _Frame:
+    """How query chunk ``qc`` reads key chunk ``kc`` in the backend's frame (queries at the end).
+
+    ``n``: on the diagonal, how many of the chunk's keys the call reads (``k`` and ``v`` hold
+    those): a piece of the chunk's queries under a causal mask reads the keys up to its own
+    end, and sits at the end of them.
+    """
     c, rule, kind = plan.chunk, plan.rule, plan.kinds[qc][kc]
     qa, kb = qc * c, kc * c  # global start positions
+    n = c if n is None else n
     parts: list[Mask] = []
     shift = None  # with a frame: how far the global distances exceed the frame's
     lengths = rule.lengths - kb if rule.lengths is not None else None
@@ -284,16 +321,13 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tup
             parts.append(SlidingWindow(rule.window))
         elif rule.causal:
             parts.append(Causal())
-        elif rule.prefix is not None and rule.prefix - qa < c:
+        elif rule.prefix is not None and rule.prefix - qa < n:
             parts.append(PrefixLM(max(rule.prefix - qa, 0)))
-        if lengths is not None and bool((lengths < c).any()):
-            parts.append(Padding(lengths.clamp(0, c)))
+        if lengths is not None and bool((lengths < n).any()):
+            parts.append(Padding(lengths.clamp(0, n)))
         if rule.documents is not None:
-            parts.append(Documents(rule.documents[:, kb:kb + c]))
-        bias = plan.bias
-    elif kind == TileKind.FULL and plan.bias is None:
-        bias = None
-    else:
+            parts.append(Documents(rule.documents[:, kb:kb + n]))
+    elif kind != TileKind.FULL or plan.bias is not None:
         if qc < kc and rule.prefix is not None:  # queries before keys: only the prefix is read
             lengths = torch.minimum(lengths, torch.tensor(rule.prefix - kb)) \
                     if lengths is not None else torch.tensor([rule.prefix - kb])
@@ -313,32 +347,70 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tup
                                                   rule.documents[:, qa:qa + c]], 1)))
         if lengths is not None and (framed or bool((lengths < c).any())):
             parts.append(Padding(lengths.clamp(0, c)))
-        bias = plan.bias
     mask = None
     for p in parts:
         mask = p if mask is None else mask & p
-    out, lse = attention(q, k, v, mask, bias=bias, softcap=plan.softcap, scale=plan.scale,
-                         backend=plan.backend, return_lse=True)
-    if shift is not None and plan.bias is not None:
-        # Alibi in the frame saw distances shorter by `shift`: the same probabilities, an LSE
-        # too large by slope * shift.
-        lse = lse - plan.bias.slopes[None, :, None] * shift
-    return out, lse
+    # Alibi in the frame sees distances shorter by `shift`: the same probabilities, an LSE
+    # larger by slope * shift.
+    lse_shift = plan.bias.slopes[None, :, None] * shift \
+        if shift is not None and plan.bias is not None else None
+    return _Frame(k, v, mask, lse_shift)
 
 
-def _merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor):
-    """Fold a partial (o, l) into the running (out, lse), in float32."""
-    o = o.float()
-    if out is None:
-        return o, l
+def _pair(q: Tensor, k: Tensor, v: Tensor, qc: int, kc: int, plan: _Plan) -> tuple[Tensor, Tensor]:
+    """Attention of query chunk ``qc`` against key chunk ``kc``: (output, lse), exact."""
+    f = _frame(k, v, qc, kc, plan)
+    out, lse = attention(q, f.k, f.v, f.mask, bias=plan.bias, softcap=plan.softcap,
+                         scale=plan.scale, backend=plan.backend, return_lse=True)
+    return out, (lse if f.lse_shift is None else lse - f.lse_shift)
+
+
+def _pieces(plan: _Plan, qc: int, kc: int) -> list[tuple[slice, slice]]:
+    """(query rows, keys) of the pair, in pieces where that is exact: the flash backward's
+    temporaries (its gradients, its packed copies of q and d_out) then scale with a piece."""
+    c, kind = plan.chunk, plan.kinds[qc][kc]
+    quarters, halves = _split(c, _PIECES), _split(c, _PIECES // 2)
+    if qc != kc and kind == TileKind.FULL and plan.bias is None:
+        # No position matters. Key pieces are twice as long, as a backend call wants Tq <= Tk.
+        return [(rows, keys) for keys in halves for rows in quarters]
+    if qc == kc and plan.rule.causal:  # a piece of queries reads the keys up to its end
+        return [(rows, slice(0, rows.stop)) for rows in quarters]
+    return [(slice(0, c), slice(0, c))]
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    cuts = [i * n // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def _pair_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+                   qc: int, kc: int, plan: _Plan):
+    """Yields (rows, keys, dq, dk, dv): the gradients of the pair's share of the merged
+    attention (out, lse of every key), piece by piece (:func:`_pieces`).
+
+    The flash backward recomputes the pair's probabilities as exp(s - lse) with the *merged*
+    LSE, so they are already the pair's share of the whole row, and its delta = rowsum(d_out *
+    out) is the merged output's: the pair's gradients, with no forward recomputed.
+    """
+    for rows, keys in _pieces(plan, qc, kc):
+        f = _frame(k[:, :, keys], v[:, :, keys], qc, kc, plan, keys.stop if qc == kc else None)
+        qi = q[:, :, rows]
+        call = lower_call(qi, f.k, f.v, f.mask, bias=plan.bias, softcap=plan.softcap,
+                          scale=plan.scale)
+        lse_i = lse[:, :, rows] if f.lse_shift is None else lse[:, :, rows] + f.lse_shift
+        dq, dk, dv = ops.flash_backward(plan.flash, d_out[:, :, rows], None, qi, f.k, f.v,
+                                        out[:, :, rows].to(q.dtype), lse_i, op_args(call))
+        n = keys.stop - keys.start  # a frame's placeholders get gradients too: dropped
+        yield rows, keys, dq, dk[:, :, :n], dv[:, :, :n]
+
+
+def _merge_into(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
+    """Fold a partial (o, l) into the running (out, lse), in place, in float32."""
     new = torch.logaddexp(lse, l)
     safe = torch.where(new == -math.inf, 0.0, new)  # rows that saw nothing yet stay 0
-    return (out * torch.exp(lse - safe)[..., None] + o * torch.exp(l - safe)[..., None], new)
-
-
-def _weight(l: Tensor, lse: Tensor) -> Tensor:
-    """exp(l - lse): the share of a partial in the merged row (0 where either is -inf)."""
-    return torch.where(torch.isinf(lse) | torch.isinf(l), 0.0, torch.exp(l - lse))
+    out.mul_(torch.exp(lse - safe)[..., None])
+    out.addcmul_(o, torch.exp(l - safe)[..., None])
+    lse.copy_(new)
 
 
 # -- the ring ----------------------------------------------------------------------------------
@@ -359,10 +431,9 @@ class _Messages:
         if self.plan.stats is not None:
             self.plan.stats.bytes_sent += t.numel() * t.element_size()
 
-    def recv(self, like: Tensor, frm: int, tag: int, dtype: torch.dtype | None = None) -> Tensor:
-        t = torch.empty_like(like, dtype=dtype)
-        self.ops.append(dist.P2POp(dist.irecv, t, self.plan.peer(frm), self.plan.group, tag))
-        return t
+    def recv(self, into: Tensor, frm: int, tag: int) -> Tensor:
+        self.ops.append(dist.P2POp(dist.irecv, into, self.plan.peer(frm), self.plan.group, tag))
+        return into
 
     def start(self) -> _Messages:
         if self.ops:
@@ -373,12 +444,39 @@ class _Messages:
         t0 = time.perf_counter()
         for w in self.works:
             w.wait()
+        self.ops, self.works = [], []  # the buffers are the caller's again
         if self.plan.stats is not None:
             self.plan.stats.wait_s += time.perf_counter() - t0
 
 
-def _pass_block(plan: _Plan, step: int, held: tuple[Tensor, ...] | None,
-                like: tuple[Tensor, ...]):
+class _Buffers:
+    """Block-sized buffers that messages land in, reused from step to step, dropped as soon
+    as no later step of this rank receives into them."""
+
+    def __init__(self, like: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> None:
+        self.like, self.dtype, self.free = like, dtype, []
+
+    def take(self) -> tuple[Tensor, ...]:
+        if self.free:
+            return self.free.pop()
+        return tuple(torch.empty_like(t, dtype=self.dtype) for t in self.like)
+
+    def give(self, bufs: tuple[Tensor, ...], needed: bool) -> None:
+        if needed:
+            self.free.append(bufs)
+
+
+def _receives_block(plan: _Plan, step: int) -> bool:
+    """Whether this rank receives a key/value block at ``step`` (it holds it at step + 1)."""
+    r, n = plan.rank, plan.world
+    return plan.forwards((r - 1 - step) % n, step)
+
+
+def _receives_after(plan: _Plan, step: int) -> bool:
+    return any(_receives_block(plan, s) for s in range(step + 1, plan.steps))
+
+
+def _pass_block(plan: _Plan, step: int, held: tuple[Tensor, ...] | None, blocks: _Buffers):
     """Start sending the held block on and receiving the next; returns (messages, incoming)."""
     r, n = plan.rank, plan.world
     msgs = _Messages(plan)
@@ -386,8 +484,8 @@ def _pass_block(plan: _Plan, step: int, held: tuple[Tensor, ...] | None,
         for t in held:
             msgs.send(t, (r + 1) % n, _BLOCK)
     incoming = None
-    if plan.forwards((r - 1 - step) % n, step):
-        incoming = tuple(msgs.recv(t, (r - 1) % n, _BLOCK) for t in like)
+    if _receives_block(plan, step):
+        incoming = tuple(msgs.recv(t, (r - 1) % n, _BLOCK) for t in blocks.take())
     return msgs.start(), incoming
 
 
@@ -407,15 +505,18 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan):
         r, n = plan.rank, plan.world
         mine = chunks_of(r, n, plan.layout)
-        qs = _slices(q, len(mine))
-        outs: list[Tensor | None] = [None] * len(mine)
-        lses: list[Tensor | None] = [None] * len(mine)
-        like = (k.contiguous(), v.contiguous())
-        held: tuple[Tensor, ...] | None = like
+        b, h, t, d = q.shape
+        # The merged output and LSE, folded into in place, pair by pair.
+        out = q.new_zeros(b, h, t, d, dtype=torch.float32)
+        lse = q.new_full((b, h, t), -math.inf, dtype=torch.float32)
+        qs, outs, lses = _slices(q, len(mine)), _slices(out, len(mine)), _slices(lse, len(mine))
+        own = (k.contiguous(), v.contiguous())
+        blocks = _Buffers(own)
+        held: tuple[Tensor, ...] | None = own
         if plan.stats is not None:
             plan.stats.steps.append(plan.steps)
         for step in range(plan.steps):
-            msgs, incoming = _pass_block(plan, step, held, like)
+            msgs, incoming = _pass_block(plan, step, held, blocks)
             src = (r - step) % n
             if held is not None and plan.reads(r, src):
                 with _timed(plan):
@@ -426,17 +527,13 @@ class _RingAttention(torch.autograd.Function):
                                 _count_skip(plan)
                                 continue
                             o, l = _pair(qs[i], ks[j], vs[j], qc, kc, plan)
-                            outs[i], lses[i] = _merge(outs[i], lses[i], o, l)
+                            _merge_into(outs[i], lses[i], o, l)
+                            del o, l
                             _count_pair(plan)
             msgs.wait()
+            if held is not None and held is not own:
+                blocks.give(held, _receives_after(plan, step))
             held = incoming
-        b, h, _, d = q.shape
-        c = plan.chunk
-        out = torch.cat([o if o is not None else q.new_zeros(b, h, c, d, dtype=torch.float32)
-                         for o in outs], 2)
-        lse = torch.cat([x if x is not None else q.new_full((b, h, c), -math.inf,
-                                                              dtype=torch.float32)
-                         for x in lses], 2)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
@@ -446,59 +543,81 @@ class _RingAttention(torch.autograd.Function):
         plan: _Plan = ctx.plan
         q, k, v, out, lse = ctx.saved_tensors
         r, n = plan.rank, plan.world
-        mine = chunks_of(r, n, plan.layout)
-        m = len(mine)
-        qs, outs, lses = _slices(q, m), _slices(out, m), _slices(lse.unsqueeze(-1), m)
-        d_outs = _slices(d_out.float(), m)
+        m = len(chunks_of(r, n, plan.layout))
+        rows = _Rows(_slices(q, m), _slices(out, m), _slices(lse, m), _slices(d_out, m))
         dq = torch.zeros_like(q, dtype=torch.float32)
-        dqs = _slices(dq, m)
-        like = (k.contiguous(), v.contiguous())
-        held: tuple[Tensor, ...] | None = like
-        pending: list[_Messages] = []  # gradients sent on, waited for one step later
+        own = (k.contiguous(), v.contiguous())
+        last = plan.last_step(r)
+        blocks = _Buffers(own)
+        # Block-sized gradient buffers circulate: this rank's own partial first, then the
+        # gradient of each block it holds; one whose message has left serves again, and this
+        # rank's finished gradient comes home into one of them.
+        grads = _Buffers(own, torch.float32)
+        spare = _Buffers(tuple(t.narrow(2, 0, plan.chunk) for t in own), torch.float32)
+        partial = tuple(t.zero_() for t in grads.take())
+        mine = partial  # this rank's dk and dv when it is done
+        held: tuple[Tensor, ...] | None = own
+        sending, sent = None, None  # the gradient sent on last step, waited for one step later
         home = None
-        mine_dkv = tuple(torch.zeros_like(t, dtype=torch.float32) for t in like)
+
+        def release(step: int) -> None:
+            nonlocal sending, sent
+            sending.wait()
+            grads.give(sent, _receives_after(plan, step - 1)
+                       or (home is None and last > 0 and step <= last))
+            sending, sent = None, None
+
         for step in range(plan.steps):
             src = (r - step) % n
-            if step == plan.last_step(r) and step > 0:
-                # This rank's own finished gradient arrives after the last reader's step.
-                home = _Messages(plan)
-                mine_dkv = tuple(home.recv(t, (r + step) % n, _HOME, torch.float32)
-                                 for t in like)
-                home.start()
-            # The gradient of the block arriving now, summed by the ranks before; posted
-            # before the next block's messages, in the order the sender sent them.
-            acc = None
+            # The gradient of the block held now, summed by the ranks before it; posted before
+            # the next block's messages, in the order the sender sent them.
+            acc, grad = None, partial
             if step > 0 and held is not None:
-                acc = _Messages(plan)
-                acc_in = tuple(acc.recv(t, (r - 1) % n, _GRAD, torch.float32) for t in like)
+                acc, grad = _Messages(plan), grads.take()
+                for t in grad:
+                    acc.recv(t, (r - 1) % n, _GRAD)
                 acc.start()
-            msgs, incoming = _pass_block(plan, step, held, like)
+            msgs, incoming = _pass_block(plan, step, held, blocks)
             if held is not None:
-                dkv = tuple(torch.zeros_like(t, dtype=torch.float32) for t in like)
                 if plan.reads(r, src):
                     with _timed(plan):
-                        _pair_grads(plan, qs, outs, lses, d_outs, dqs, held, dkv, mine, src)
-                if acc is not None:
+                        _block_grads(plan, rows, dq, held, grad, src, acc, spare)
+                elif acc is not None:
                     acc.wait()
-                    for ours, theirs in zip(dkv, acc_in, strict=True):
-                        ours.add_(theirs)
-                    del acc_in
-                for p in pending:
-                    p.wait()
-                pending = []
+                if sending is not None:
+                    release(step)
                 if plan.forwards(src, step):
-                    pending.append(_send(plan, dkv, (r + 1) % n, _GRAD))
-                elif src != r:
-                    pending.append(_send(plan, dkv, src, _HOME))  # the last reader: home
-                else:
-                    mine_dkv = dkv
+                    sending, sent = _send(plan, grad, (r + 1) % n, _GRAD), grad
+                elif src != r:  # the last reader: the finished gradient goes home
+                    sending, sent = _send(plan, grad, src, _HOME), grad
+            if step == last and step > 0:
+                # This rank's finished gradient, from the last rank that reads its block, into
+                # a buffer whose message has left.
+                if sent is partial:
+                    release(step)
+                mine = grads.take()
+                home = _Messages(plan)
+                for t in mine:
+                    home.recv(t, (r + step) % n, _HOME)
+                home.start()
             msgs.wait()
+            if held is not None and held is not own:
+                blocks.give(held, _receives_after(plan, step))
             held = incoming
-        if home is not None:
-            home.wait()
-        for p in pending:
-            p.wait()
-        return dq.to(q.dtype), mine_dkv[0].to(k.dtype), mine_dkv[1].to(v.dtype), None
+        for pending in (home, sending):
+            if pending is not None:
+                pending.wait()
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None
+
+
+@dataclass
+class _Rows:
+    """This rank's query rows, per chunk: queries, merged output and LSE, output gradient."""
+
+    q: list[Tensor]
+    out: list[Tensor]
+    lse: list[Tensor]
+    d_out: list[Tensor]
 
 
 def _send(plan: _Plan, tensors: tuple[Tensor, ...], to: int, tag: int) -> _Messages:
@@ -508,28 +627,46 @@ def _send(plan: _Plan, tensors: tuple[Tensor, ...], to: int, tag: int) -> _Messa
     return msgs.start()
 
 
-def _pair_grads(plan, qs, outs, lses, d_outs, dqs, held, dkv, mine, src) -> None:
-    """Add this rank's gradient contributions for the held block (recomputed pair by pair)."""
-    n = plan.world
-    theirs = chunks_of(src, n, plan.layout)
+def _block_grads(plan: _Plan, local: _Rows, dq: Tensor, held: tuple[Tensor, ...],
+                 grad: tuple[Tensor, ...], src: int, acc: _Messages | None,
+                 spare: _Buffers) -> None:
+    """Add this rank's gradient contributions for the block of ``src``: to ``dq``, and to the
+    block's ``grad``, which ``acc`` (if given) is still receiving from the previous rank.
+
+    The first key chunk's contributions are summed apart (in chunk-sized ``spare`` buffers)
+    while that message is in flight, so that it stays hidden behind their compute, then added
+    to it; later chunks add straight in.
+    """
+    mine = chunks_of(plan.rank, plan.world, plan.layout)
+    theirs = chunks_of(src, plan.world, plan.layout)
     ks, vs = _slices(held[0], len(theirs)), _slices(held[1], len(theirs))
-    dks, dvs = _slices(dkv[0], len(theirs)), _slices(dkv[1], len(theirs))
-    for i, qc in enumerate(mine):
-        for j, kc in enumerate(theirs):
+    dks, dvs = _slices(grad[0], len(theirs)), _slices(grad[1], len(theirs))
+    dqs = _slices(dq, len(mine))
+    for j, kc in enumerate(theirs):
+        apart: tuple[Tensor, Tensor] | None = None
+        for i, qc in enumerate(mine):
             if plan.kinds[qc][kc] == TileKind.EMPTY:
                 continue
-            qi, kj, vj = (t.detach().requires_grad_() for t in (qs[i], ks[j], vs[j]))
-            with torch.enable_grad():
-                o, l = _pair(qi, kj, vj, qc, kc, plan)
-            # out = sum_b w_b o_b with w_b = exp(l_b - lse): d o_b = w_b d_out, and
-            # d l_b = w_b (d_out . (o_b - out)) (the softmax over the partials).
-            w = _weight(l, lses[i][..., 0])
-            go = w[..., None] * d_outs[i]
-            gl = w * (d_outs[i] * (o.detach().float() - outs[i])).sum(-1)
-            gq, gk, gv = torch.autograd.grad((o, l), (qi, kj, vj), (go.to(o.dtype), gl))
-            dqs[i] += gq
-            dks[j] += gk
-            dvs[j] += gv
+            for rows, keys, gq, gk, gv in _pair_backward(
+                    local.q[i], ks[j], vs[j], local.out[i], local.lse[i], local.d_out[i], qc, kc,
+                    plan):
+                dqs[i][:, :, rows].add_(gq)
+                if acc is not None and apart is None:
+                    apart = tuple(t.zero_() for t in spare.take())
+                dk, dv = apart if acc is not None else (dks[j], dvs[j])
+                dk[:, :, keys].add_(gk)
+                dv[:, :, keys].add_(gv)
+                del gq, gk, gv
+        if acc is not None:
+            acc.wait()
+            acc = None
+            if apart is not None:
+                dks[j].add_(apart[0])
+                dvs[j].add_(apart[1])
+                spare.give(apart, True)
+                apart = None
+    if acc is not None:
+        acc.wait()
 
 
 def _count_pair(plan: _Plan) -> None:

@@ -25,6 +25,7 @@ from ..data.shards import TokenShards, read_manifest
 from ..data.tasks import IGNORE, make_task
 from ..data.tokenizer import load as load_tokenizer
 from ..model import GPT, GPTConfig
+from ..model.gpt import GPTOutput
 from . import checkpoint as ckpt
 from . import parallel
 from .config import TrainConfig
@@ -126,15 +127,25 @@ def _forward(model: nn.Module, batch: _Batch, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.device) -> dict:
-    """Validation loss and perplexity (corpus) or loss and accuracy (task)."""
+def evaluate(model: GPT, source: _Source, config: TrainConfig, device: torch.device,
+             context_parallel: parallel.ContextParallel | None = None) -> dict:
+    """Validation loss and perplexity (corpus) or loss and accuracy (task).
+
+    With ``context_parallel`` each sequence is split over its ranks as in training (ring
+    attention), and every rank gets the numbers of the whole batch.
+    """
     model.eval()
     losses, accs = [], []
     # Whole batches of --batch-size sequences, run in micro-batches: the same numbers whatever
     # --grad-accum is (see evaluation.py).
     def forward(part: tuple):
         with _autocast(config, device):
-            return _forward(model, _Batch(*part), device)
+            if context_parallel is None:
+                return _forward(model, _Batch(*part), device)
+            tokens, _, documents = part
+            return GPTOutput(context_parallel.whole_logits(
+                tokens.to(device), documents=None if documents is None else documents.to(device)
+            ), None)
 
     for batch in source.eval_batches(config.batch_size, config.eval_batches, config.seed):
         loss, acc = evaluate_batch(forward, batch.tokens, batch.targets, batch.documents,
@@ -216,6 +227,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
     remake = functools.partial(make_optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                betas=(config.beta1, config.beta2))
     wrapped, optimizer = parallel.wrap(model, optimizer, grid, dist.world, remake)
+    eval_cp = parallel.ContextParallel(model, grid.cp_group) if grid.cp > 1 else None
 
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume is not None else None) \
         if dist.is_main else None
@@ -272,7 +284,7 @@ def _train(config: TrainConfig, dist: Distributed, resume, progress, tokenizer_d
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             check_weights(model, step)  # on every rank, before anything is written
-            metrics = evaluate(model, source, config, dist.device)
+            metrics = evaluate(model, source, config, dist.device, eval_cp)
             metrics.update(watch.measure(model, step, metrics))  # bits, time; --track-heads
             saved = parallel.full_state(model, optimizer, grid, dist.is_main, remake)
             if dist.is_main:

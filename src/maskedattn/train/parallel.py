@@ -15,7 +15,8 @@ gradient, however the targets fall into ranks.
 The model stays as it is. :class:`ContextParallel` runs its forward with two things swapped for
 the duration of the call: the model's position bookkeeping (each token's global position, for
 RoPE and learned embeddings, and the mask over the whole sequence), and the attention function
-its layers call, which becomes :func:`ring_attention` over the cp group.
+its layers call, which becomes :func:`ring_attention` over the cp group. Evaluation runs the
+same way (:meth:`ContextParallel.whole_logits`), so its attention is the ring's too.
 
 FSDP2 (``fully_shard``) shards parameters, gradients and AdamW's moments over the whole world.
 Checkpoints stay one file set that ``GPT.from_pretrained`` reads: full tensors are gathered to
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import Causal, Documents
-from ..attention.ring import positions, ring_attention, shard
+from ..attention.ring import gather, positions, ring_attention, shard
 from ..model import GPT
 from ..model import layers as model_layers
 from ..model.gpt import GPTOutput
@@ -125,6 +126,13 @@ class ContextParallel(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), mine.flatten(),
                                ignore_index=_IGNORE, reduction="sum") / scored
         return GPTOutput(logits, loss)
+
+    @torch.no_grad()
+    def whole_logits(self, tokens: Tensor, *, documents: Tensor | None = None) -> Tensor:
+        """The logits of every position, (B, T, V), for evaluation: each rank computes its
+        part through the ring, then the cp ranks gather the parts (every rank gets all)."""
+        local = self(tokens, documents=documents).logits
+        return gather(local, 1, group=self.group, layout=self.layout, seq_len=tokens.shape[1])
 
 
 @contextlib.contextmanager
