@@ -12,3 +12,10 @@ def test_quick_run_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "prefill 128 CPU ms" in out and "decode@64 wall tok/s" in out
     assert "TOKENS DIFFER" not in out and out.count("same tokens") == 4
+
+
+def test_floor_runs_the_model_without_attention(capsys):
+    assert main(["bench", "hf", "--quick", "--archs", "llama", "--dtypes", "float32",
+                 "--floor"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("floor/sdpa") == 4  # wall and CPU rows of both prefill lengths
