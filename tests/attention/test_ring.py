@@ -8,6 +8,7 @@ be within twice that of the naive float32 reference (the tolerance of every back
 from __future__ import annotations
 
 import glob
+import importlib.util
 import sys
 
 import pytest
@@ -46,7 +47,8 @@ def _masks(t: int, b: int) -> dict[str, object]:
     }
 
 
-def _case(rank, world, t, mask_name, layout, hq=2, hkv=2, alibi=False, softcap=None):
+def _case(rank, world, t, mask_name, layout, hq=2, hkv=2, alibi=False, softcap=None,
+          backend="auto"):
     b, d = 2, 8
     g = torch.Generator().manual_seed(t * 7 + hq)
     q, k, v = (torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
@@ -65,7 +67,7 @@ def _case(rank, world, t, mask_name, layout, hq=2, hkv=2, alibi=False, softcap=N
 
     exact, naive = single(torch.float64, "reference"), single(torch.float32, "reference")
     local = [ring.shard(a.float(), 2, layout=layout).detach().requires_grad_() for a in (q, k, v)]
-    out = ring.ring_attention(*local, mask, layout=layout, seq_len=t, **kwargs)
+    out = ring.ring_attention(*local, mask, layout=layout, seq_len=t, backend=backend, **kwargs)
     out.backward(ring.shard(do.float(), 2, layout=layout))
     ours = [ring.gather(x, 2, layout=layout, seq_len=t)
             for x in (out.detach(), *(a.grad for a in local))]
@@ -122,6 +124,13 @@ def _skipping(rank, world):
     assert stats.pairs_computed == 3 + 2 * (world - 1)  # balanced: the same on every rank
 
 
+def _triton(rank, world):
+    # CPU tensors under Triton's interpreter (tests/attention/conftest.py sets TRITON_INTERPRET,
+    # which the spawned ranks inherit): the triton forward and backward operators in the ring.
+    for name in ("causal", "documents", "chunked"):
+        _case(rank, world, 21, name, "zigzag", hq=4, hkv=2, backend="triton")
+
+
 def _gloo_threads() -> int:
     return sum(open(f).read().strip() == "pt_gloo_runloop"
                for f in glob.glob("/proc/self/task/*/comm"))
@@ -156,6 +165,11 @@ def test_destroying_the_group_ends_its_threads() -> None:
 
 def test_features_two_ranks() -> None:
     run_ranks(_features, 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backend_two_ranks() -> None:
+    run_ranks(_triton, 2, timeout=300)
 
 
 def test_masks_four_ranks() -> None:

@@ -339,3 +339,24 @@ def test_wide_matrix(dtype, mask, d, t, request):
     for tq in sorted({t, max(1, t // 4)}):
         q, k, v = qkv(b=2, hq=4, hkv=2, tq=tq, tk=t, d=d, dtype=dtype)
         check(q, k, v, **_on_device(MASKS[mask](2, 4, tq, t)))
+
+
+@needs_triton
+def test_backward_reads_a_sliced_lse_by_its_rows() -> None:
+    """The ring hands the backward a row slice of a longer LSE (not contiguous): the gradients
+    must be those of the contiguous copy (they were garbage before the kernel copied it)."""
+    from maskedattn.attention import lower_call, ops
+    from maskedattn.attention.lowering import op_args
+
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, device=DEVICE)
+    do = torch.randn_like(q)
+    args = op_args(lower_call(q, k, v, Causal()))
+    out, lse = ops.flash_forward("triton", q, k, v, args)
+    wide = torch.full((1, 2, 56), float("nan"), device=DEVICE)
+    wide[:, :, 8:48] = lse
+    sliced = wide[:, :, 8:48]
+    assert not sliced.is_contiguous()
+    want = ops.flash_backward("triton", do, None, q, k, v, out, lse, args)
+    got = ops.flash_backward("triton", do, None, q, k, v, out, sliced, args)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

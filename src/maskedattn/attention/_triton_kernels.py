@@ -871,8 +871,11 @@ def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     head = _head(d)
+    # The kernels read the LSE and its gradient as contiguous (B, Hq, Tq): a caller's row slice
+    # (the ring's pieces) or sum()'s stride-0 gradient is copied first.
+    lse = lse.contiguous()
     if dlse is not None:
-        dlse = dlse.contiguous()  # the kernel reads it as (B, Hq, Tq); sum() gives stride 0
+        dlse = dlse.contiguous()
     delta = torch.empty_like(lse)
     _delta_kernel[(triton.cdiv(tq, 64), b * hq)](
         o, do, dlse, delta, *o.stride(), *do.stride(), hq, tq, HAS_DLSE=dlse is not None,

@@ -250,7 +250,10 @@ def _make_plan(q: Tensor, k: Tensor, v: Tensor, mask, group, bias, softcap, scal
                          " positional)")
     if rule.window is not None and not rule.causal:
         raise ValueError("ring_attention: a window without causality is not served")
-    flash = {"cpu": "tiled", "cuda": "triton"}.get(q.device.type)
+    # The backward's operators follow the forward's backend when it names triton (on CUDA, or
+    # on CPU tensors under Triton's interpreter); else the device's own.
+    flash = "triton" if backend == "triton" else {"cpu": "tiled", "cuda": "triton"}.get(
+        q.device.type)
     if flash is None or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"ring_attention: serves float32, bfloat16 and float16 on CPU and CUDA"
                          f" (its backward runs the flash operators), got {q.dtype} on"
