@@ -10,13 +10,16 @@ from maskedattn.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 
-# Odd widths and head counts, 1 to 4 layers, tied and untied, an explicit MLP width.
+# Odd widths and head counts, 1 to 4 layers, tied and untied, an explicit MLP width, the exact
+# (erf) GELU as well as GPT-2's tanh form.
 HF_CONFIGS = [
     dict(n_embd=60, n_head=5, n_layer=1, vocab_size=101, n_positions=64),
     dict(n_embd=33, n_head=3, n_layer=2, vocab_size=97, n_positions=80),
     dict(n_embd=56, n_head=7, n_layer=3, vocab_size=131, n_positions=72, n_inner=70),
     dict(n_embd=48, n_head=1, n_layer=4, vocab_size=89, n_positions=64,
          tie_word_embeddings=False),
+    dict(n_embd=40, n_head=4, n_layer=2, vocab_size=83, n_positions=64,
+         activation_function="gelu"),
 ]
 
 

@@ -45,9 +45,9 @@ NANOGPT_ENV = "MASKEDATTN_NANOGPT"  # path of nanoGPT's model.py, if --nanogpt i
 class PlainBlock(nn.Module):
     """One transformer block as nanoGPT writes it."""
 
-    def __init__(self, c: int, n_head: int) -> None:
+    def __init__(self, c: int, n_head: int, approximate: str) -> None:
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.approximate = n_head, approximate
         self.ln1, self.ln2 = nn.LayerNorm(c), nn.LayerNorm(c)
         self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
         self.fc, self.out = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
@@ -58,7 +58,7 @@ class PlainBlock(nn.Module):
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate=self.approximate))
 
 
 class PlainGPT(nn.Module):
@@ -69,7 +69,9 @@ class PlainGPT(nn.Module):
         c = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, c)
         self.wpe = nn.Embedding(config.context, c)
-        self.blocks = nn.ModuleList(PlainBlock(c, config.n_head) for _ in range(config.n_layer))
+        approximate = "tanh" if config.mlp == "gelu" else "none"
+        self.blocks = nn.ModuleList(PlainBlock(c, config.n_head, approximate)
+                                    for _ in range(config.n_layer))
         self.ln = nn.LayerNorm(c)
         self.head = nn.Linear(c, config.vocab_size, bias=False)
         self.head.weight = self.wte.weight
@@ -89,6 +91,8 @@ def competitor(config: GPTConfig, nanogpt: str | None) -> tuple[str, nn.Module, 
     """nanoGPT's GPT built from the file at ``nanogpt`` (same shape as ours), else PlainGPT."""
     if not nanogpt:
         return "PlainGPT (SDPA)", PlainGPT(config), lambda m, x, y: m(x, y)
+    if config.mlp != "gelu_exact":
+        raise SystemExit("--gelu tanh: nanoGPT's model has the exact (erf) GELU only")
     path = Path(nanogpt)
     if not path.is_file():
         raise SystemExit(f"--nanogpt: no file {path} (the path of nanoGPT's model.py)")
@@ -196,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=["default", "foreach", "fused"], default="default",
                    help="torch.optim.AdamW implementation, the same for both (default: torch's"
                         " choice, a per-parameter loop on the CPU, as nanoGPT gets there)")
+    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+                   help="the MLP's GELU in both models: exact (erf; nanoGPT's, PyTorch's"
+                        " default) or tanh (GPT-2's approximation; PlainGPT only)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time each step by this process's CPU time (all threads), for a"
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = GPTConfig.preset("tiny", n_layer=args.n_layer, n_head=args.n_head,
-                              n_embd=args.n_embd, context=args.context, vocab_size=args.vocab)
+                              n_embd=args.n_embd, context=args.context, vocab_size=args.vocab,
+                              mlp="gelu_exact" if args.gelu == "exact" else "gelu")
     dtype = getattr(torch, args.dtype)
     result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
                              nanogpt=args.nanogpt, compile=args.compile,

@@ -12,16 +12,14 @@ import types
 import typing
 
 from ..model import GPTConfig
-from ..model.config import PRESETS
+from ..model.config import CHOICES, PRESETS
 from ..train.config import TrainConfig
 
 # Flags with a closed set of values, so --help lists them and typos fail early.
 _CHOICES = {
     "task": ["induction", "copying", "recall"],
     "dtype": ["float32", "bfloat16"],
-    "mlp": ["gelu", "swiglu"],
-    "norm": ["layernorm", "rmsnorm"],
-    "positions": ["learned", "rope"],
+    **{name: list(values) for name, values in CHOICES.items()},
 }
 
 _MODEL_FLAGS = ("vocab_size", "context", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp",

@@ -15,10 +15,11 @@ from typing import Any
 
 from ..attention import available_backends
 
-__all__ = ["PRESETS", "GPTConfig"]
+__all__ = ["CHOICES", "PRESETS", "GPTConfig"]
 
-_CHOICES = {
-    "mlp": ("gelu", "swiglu"),
+#: The allowed values of the config's design choices.
+CHOICES = {
+    "mlp": ("gelu", "gelu_exact", "swiglu"),
     "norm": ("layernorm", "rmsnorm"),
     "positions": ("learned", "rope"),
 }
@@ -38,7 +39,9 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # None: as many as n_head (no grouped-query attention)
     n_embd: int = 768
-    mlp: str = "gelu"  # "gelu": fc -> GELU(tanh) -> proj; "swiglu": SiLU(gate) * up -> proj
+    # "gelu": fc -> GELU, tanh form (GPT-2's "gelu_new") -> proj; "gelu_exact": the erf form
+    # (PyTorch's default, nanoGPT, GPT-2 configs with "gelu"); "swiglu": SiLU(gate) * up -> proj
+    mlp: str = "gelu"
     mlp_hidden: int | None = None  # None: 4C for gelu, LLaMA's 8C/3 rounded up to 64 for swiglu
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
@@ -56,7 +59,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_layer", "n_head", "n_embd"):
             _check_positive_int(name, getattr(self, name))
-        for name, allowed in _CHOICES.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig: {name} must be one of {allowed}, got"
                                  f" {getattr(self, name)!r}")
@@ -111,7 +114,7 @@ class GPTConfig:
                              f" {available_backends()}, got {self.attn_backend!r}")
 
     def _default_mlp_hidden(self) -> int:
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: 2/3 of 4C keeps the parameter count.
         return -(-(8 * self.n_embd // 3) // 64) * 64

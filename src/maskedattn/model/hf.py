@@ -15,7 +15,8 @@ from .config import GPTConfig
 __all__ = ["config_from_transformers", "config_to_transformers", "weight_names"]
 
 MODEL_TYPE = "gpt2"
-_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+# transformers' activation names for our two GELU forms: the tanh approximation, and erf.
+_GELU = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 GPT2_VOCAB = 50257
 _GPT2_EOT = 50256  # <|endoftext|>, GPT-2's only special token
 
@@ -23,9 +24,10 @@ _GPT2_EOT = 50256  # <|endoftext|>, GPT-2's only special token
 def config_from_transformers(hf: dict[str, Any]) -> GPTConfig:
     """Our config for a ``transformers`` GPT-2 ``config.json``; unsupported options raise."""
     unsupported = []
-    if hf.get("activation_function", "gelu_new") not in _GELU_TANH:
-        unsupported.append(f"activation_function={hf['activation_function']!r} (we implement"
-                           f" {_GELU_TANH})")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _GELU:
+        unsupported.append(f"activation_function={activation!r} (we implement"
+                           f" {sorted(_GELU)})")
     if not hf.get("scale_attn_weights", True):
         unsupported.append("scale_attn_weights=false")
     if hf.get("scale_attn_by_inverse_layer_idx", False):
@@ -41,7 +43,8 @@ def config_from_transformers(hf: dict[str, Any]) -> GPTConfig:
         raise ValueError(f"the GPT-2 config.json lacks {missing}")
     return GPTConfig(
         vocab_size=hf["vocab_size"], context=hf["n_positions"], n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner"),
+        n_head=hf["n_head"], n_embd=hf["n_embd"], mlp=_GELU[activation],
+        mlp_hidden=hf.get("n_inner"),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         tie_weights=hf.get("tie_word_embeddings", True),
         init_std=hf.get("initializer_range", 0.02),
@@ -50,10 +53,10 @@ def config_from_transformers(hf: dict[str, Any]) -> GPTConfig:
 
 def config_to_transformers(config: GPTConfig) -> dict[str, Any]:
     """A ``transformers`` GPT-2 ``config.json`` for ``config``; raises if GPT-2 cannot hold it."""
-    wanted = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
-              "n_kv_head": config.n_head}
-    differ = [f"{k}={getattr(config, k)!r} (GPT-2 has {v!r})" for k, v in wanted.items()
-              if getattr(config, k) != v]
+    wanted = {"positions": ("learned",), "norm": ("layernorm",), "mlp": ("gelu", "gelu_exact"),
+              "bias": (True,), "n_kv_head": (config.n_head,)}
+    differ = [f"{k}={getattr(config, k)!r} (GPT-2 has {' or '.join(map(repr, v))})"
+              for k, v in wanted.items() if getattr(config, k) not in v]
     if differ:
         raise ValueError("the transformers GPT-2 format cannot hold this model: "
                          + ", ".join(differ))
@@ -67,7 +70,7 @@ def config_to_transformers(config: GPTConfig) -> dict[str, Any]:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": config.mlp_hidden,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if config.mlp == "gelu" else "gelu",
         "layer_norm_epsilon": config.norm_eps,
         "initializer_range": config.init_std,
         "tie_word_embeddings": config.tie_weights,

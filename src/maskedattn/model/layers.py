@@ -125,11 +125,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The per-token network: GELU (GPT-2) or SwiGLU (LLaMA, Shazeer 2020)."""
+    """The per-token network: GELU (GPT-2's tanh form, or the exact erf form) or SwiGLU (LLaMA,
+    Shazeer 2020)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu" else "none"
         hidden = config.mlp_hidden
         # SwiGLU's gate and up projections are fused into one matrix, as q, k and v are.
         self.fc = Linear(config.n_embd, 2 * hidden if self.swiglu else hidden,
@@ -143,7 +145,7 @@ class FeedForward(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            h = F.gelu(h, approximate=self.approximate)
         return self.proj(h)
 
 
