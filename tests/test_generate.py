@@ -133,3 +133,11 @@ def test_a_batch_larger_than_the_native_kernel_takes_still_matches_one_by_one():
     prompts = [*PROMPTS, [9, 9], [30, 31, 32, 33, 34], [59]]
     together = ma.generate(model, prompts, 6, temperature=0)
     assert together == [ma.generate(model, [p], 6, temperature=0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_decoding_gives_the_eager_tokens(name):
+    model = make(name)
+    settings = dict(temperature=0.9, top_k=20, seed=3)
+    assert ma.generate(model, PROMPTS, 9, compile=True, **settings) == \
+        ma.generate(model, PROMPTS, 9, **settings)

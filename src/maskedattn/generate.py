@@ -20,6 +20,7 @@ past its own length, so each row gets exactly the tokens it would get alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ def _number(x: object) -> bool:
 def generate(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
-             seed: int | None = None) -> list[list[int]]:
+             seed: int | None = None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -86,6 +87,10 @@ def generate(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: 
         stop_tokens: a row stops after producing one of these (it is included in its output).
         seed: makes sampling reproducible. Row i draws from its own generator seeded with
             ``seed + i``, so it gets the tokens it would get alone with that seed.
+        compile: decode through ``torch.compile`` of :func:`decode_one_token` (one graph over
+            the static cache, compiled once per model and batch shape: about 20 s for GPT-2
+            124M on two cores, then no Python between the kernels; faster per token on the CPU
+            once the compile is paid, see BENCHMARKS.md). The same tokens as eager decoding.
 
     Returns:
         the new tokens of each row (without the prompt).
@@ -94,7 +99,7 @@ def generate(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: 
     out: list[list[int]] = [[] for _ in rows]
     for step in stream(model, rows, max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, repetition_penalty=repetition_penalty,
-                       stop_tokens=stop_tokens, seed=seed):
+                       stop_tokens=stop_tokens, seed=seed, compile=compile):
         for row, token in zip(out, step, strict=True):
             if token is not None:
                 row.append(token)
@@ -105,7 +110,7 @@ def generate(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: 
 def stream(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
            repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
-           seed: int | None = None) -> Iterator[list[int | None]]:
+           seed: int | None = None, compile: bool = False) -> Iterator[list[int | None]]:
     """Like :func:`generate`, but yield as soon as each token exists.
 
     Each step yields one entry per prompt: the row's new token, or ``None`` once the row has
@@ -124,6 +129,7 @@ def stream(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: fl
         if settings.repetition_penalty != 1.0 else None
 
     logits = prefill(model, rows, cache)
+    decode = _compiled_decode() if compile else decode_one_token
     running = [True] * len(rows)
     for step in range(max_new_tokens):
         token = sample(logits, settings, generators, seen)  # (B,)
@@ -134,7 +140,7 @@ def stream(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: fl
             return
         if seen is not None:
             seen[torch.arange(len(rows), device=device), token] = True
-        logits = decode_one_token(model, token, lengths, cache)
+        logits = decode(model, token, lengths, cache)
         lengths += 1
 
 
@@ -155,6 +161,12 @@ def prefill(model: GPT, prompts: Sequence[Sequence[int]], cache: Sequence[KVCach
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
     # Only the positions we sample from go through the LM head: (B, C) @ (C, V), not (B, T, V).
     return model.lm_head(hidden[torch.arange(len(prompts), device=device), last])
+
+
+@functools.cache
+def _compiled_decode():
+    # One compiled function for the process: dynamo keys its graphs on the model and shapes.
+    return torch.compile(decode_one_token, fullgraph=True)
 
 
 def decode_one_token(model: GPT, token: Tensor, lengths: Tensor,

@@ -96,3 +96,32 @@ def test_threads_and_concurrent_callers_give_identical_results():
         torch.set_num_threads(threads)
     assert not errors and len(results) == 60
     assert all(torch.equal(r, alone) for r in results)
+
+
+def test_the_operator_passes_opcheck_and_stays_in_a_compiled_decode_step():
+    from maskedattn.generate import decode_one_token
+    from maskedattn.model import GPT, GPTConfig
+
+    x, w, b = torch.randn(2, 40), torch.randn(30, 40), torch.randn(30)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.maskedattn.gemv_linear,
+                              (x.to(dtype), w.to(dtype), b.to(dtype)))
+    torch.library.opcheck(torch.ops.maskedattn.gemv_linear, (x, w, None))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model.hidden_states(torch.tensor([[1, 2, 3]]), cache=cache)
+        step = torch.compile(decode_one_token, fullgraph=True, backend=backend)
+        logits = step(model, torch.tensor([4]), torch.tensor([3]), cache)
+    # qkv, proj, fc, proj and the LM head: every linear of the step
+    assert sum("gemv_linear" in op for op in ops) == 5, ops
+    with torch.no_grad():
+        want = model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1]
+    torch.testing.assert_close(logits[0], want, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,11 @@ before loading, rebuilt when it does not verify). Without a compiler everything 
 torch's speed; :func:`native_status` says which path is in use and why. ``MASKEDATTN_NATIVE``
 means what it means for the attention kernel: ``0`` turns it off, an instruction set's name
 (``avx2``, ...) builds it for that set instead of this CPU's.
+
+Under ``torch.compile`` the kernel is the custom operator ``torch.ops.maskedattn.gemv_linear``
+(inference only, as the kernel is): a compiled decode step keeps it, where inductor's own
+``F.linear`` would be MKL's, which streams a one-row product at a fraction of the speed.
+``torch.export`` sees ``F.linear``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through the native kernel when it serves the call."""
     # Decoding calls this ~50 times per token: the checks are ordered cheapest first and avoid
     # anything that allocates (``x.device`` alone costs more than all of them).
-    if torch.compiler.is_compiling():  # traced: F.linear, before the loader is touched
+    if torch.compiler.is_compiling():  # traced: the operator, before the loader is touched
+        if _op_serves(x, weight, bias):
+            return torch.ops.maskedattn.gemv_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     lib = _library()
     if (
@@ -74,6 +81,35 @@ def native_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _op_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a traced call goes to the operator: what :func:`linear` serves eagerly, less
+    the strides (the operator copies what is not contiguous) and the loader (it decides)."""
+    return (
+        not torch.compiler.is_exporting()
+        and x.is_cpu
+        and x.dtype in _NATIVE_DTYPES
+        and weight.dtype is x.dtype
+        and (bias is None or bias.dtype is x.dtype)
+        and x.numel() <= MAX_ROWS * weight.shape[1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+    )
+
+
+@torch.library.custom_op("maskedattn::gemv_linear", mutates_args=(), device_types="cpu")
+def _gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    lib = _library()
+    if lib is None:
+        return F.linear(x, weight, bias)
+    return _call(lib, x.contiguous(), weight.contiguous(),
+                 None if bias is None else bias.contiguous())
+
+
+@_gemv_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _call(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
