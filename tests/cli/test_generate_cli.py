@@ -35,6 +35,8 @@ def test_stream_prints_the_same_text(model_dir, capsysbinary):
     plain = capsysbinary.readouterr().out
     main([*args, "--stream"])
     assert capsysbinary.readouterr().out == plain
+    main([*args, "--compile"])  # decoding through torch.compile: the same tokens
+    assert capsysbinary.readouterr().out == plain
 
 
 def test_uses_the_tokenizer_json_beside_the_model(tmp_path, capsys):

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill test")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="our decoding through torch.compile (generate(compile=True)); the"
+                   " compile happens in the untimed first run")
     p.add_argument("--quick", action="store_true",
                    help="a 2-layer model and short runs: checks the benchmark works")
     args = p.parse_args(argv)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
 
         def ours_decode(ours=ours):
-            return generate(ours, prompt, args.new, temperature=0)[0]
+            return generate(ours, prompt, args.new, temperature=0, compile=args.compile)[0]
 
         def theirs_decode(theirs=theirs):
             with torch.inference_mode():
@@ -145,7 +148,7 @@ def _print(rows, config: GPTConfig, args, bandwidth: float) -> None:
     print(f"greedy generation, {args.preset} ({config.n_layer} layers, C={config.n_embd},"
           f" V={config.vocab_size}), batch 1, prompt {args.prompt}, {args.new} new tokens;"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads; median of"
-          f" {args.repeats}")
+          f" {args.repeats}{'; ours compiled' if args.compile else ''}")
     print(f"best read bandwidth seen {bandwidth / 1e9:.1f} GB/s (streaming sum); linear layers:"
           f" {native_status()}")
     head = ("measure", "ours", "transformers", "time ours/theirs", "of bandwidth floor", "check")
