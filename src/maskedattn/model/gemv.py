@@ -45,21 +45,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # Decoding calls this ~50 times per token: the checks are ordered cheapest first and avoid
     # anything that allocates (``x.device`` alone costs more than all of them).
     if torch.compiler.is_compiling():  # traced: the operator, before the loader is touched
-        if _op_serves(x, weight, bias):
+        if not torch.compiler.is_exporting() and _kernel_takes(x, weight, bias):
             return torch.ops.maskedattn.gemv_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     lib = _library()
     if (
         lib is not None
-        and x.is_cpu
-        and x.dtype in _NATIVE_DTYPES
-        and weight.dtype is x.dtype
-        and (bias is None or (bias.dtype is x.dtype and bias.is_contiguous()))
-        and x.numel() <= MAX_ROWS * weight.shape[1]
+        and _kernel_takes(x, weight, bias)
         and x.is_contiguous()
         and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
+        and (bias is None or bias.is_contiguous())
     ):
         return _call(lib, x, weight, bias)
     return F.linear(x, weight, bias)
@@ -83,12 +78,11 @@ def native_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _op_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether a traced call goes to the operator: what :func:`linear` serves eagerly, less
-    the strides (the operator copies what is not contiguous) and the loader (it decides)."""
+def _kernel_takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the kernel computes this call, strides aside (the operator copies what is not
+    contiguous; eagerly, :func:`linear` leaves such calls to ``F.linear``)."""
     return (
-        not torch.compiler.is_exporting()
-        and x.is_cpu
+        x.is_cpu
         and x.dtype in _NATIVE_DTYPES
         and weight.dtype is x.dtype
         and (bias is None or bias.dtype is x.dtype)
@@ -100,11 +94,9 @@ def _op_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 @torch.library.custom_op("maskedattn::gemv_linear", mutates_args=(), device_types="cpu")
 def _gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    lib = _library()
-    if lib is None:
+    if _library() is None:
         return F.linear(x, weight, bias)
-    return _call(lib, x.contiguous(), weight.contiguous(),
-                 None if bias is None else bias.contiguous())
+    return native_linear(x, weight, bias)
 
 
 @_gemv_linear.register_fake
