@@ -357,7 +357,13 @@ def probabilities(query: Tensor, key: Tensor, mask: Mask | Tensor | None, lse: T
     scale = d**-0.5 if scale is None else scale
     rows = torch.arange(tq, device=query.device) if rows is None else rows.to(query.device)
     g = hq // hkv
+
+    def grouped(x: Tensor) -> Tensor:  # (B, Hq, R, ...) -> (B * Hkv, G * R, ...)
+        return x.unflatten(1, (hkv, g)).flatten(0, 1).flatten(1, 2)
+
     keys = key.float().flatten(0, 1).transpose(-1, -2)  # (B * Hkv, D, Tk)
+    lse = lse.float()
+    bias = None if bias is None else bias.float().expand(b, hq, tq, tk)
     rule = as_rule(mask).to(query.device).fit(b, hq, tq, tk)
     columns = torch.arange(tk, device=query.device)
     out = torch.empty(b, hq, len(rows), tk, dtype=dtype, device=query.device)
@@ -367,19 +373,15 @@ def probabilities(query: Tensor, key: Tensor, mask: Mask | Tensor | None, lse: T
     step = max(1, _SCORE_BLOCK // max(1, b * hq * tk))
     for start in range(0, len(rows), step):
         r = rows[start:start + step]
-
-        def grouped(x: Tensor) -> Tensor:  # (B, Hq, R, ...) -> (B * Hkv, G * R, ...)
-            return x.unflatten(1, (hkv, g)).flatten(0, 1).flatten(1, 2)
-
         q = grouped(query[:, :, r].float())
-        lse_r = grouped(lse.float()[:, :, r, None])
+        lse_r = grouped(lse[:, :, r, None])
         if softcap is None:  # s * scale - lse in one matmul
             s = torch.baddbmm(lse_r, q, keys, beta=-1.0, alpha=scale)
         else:
             s = torch.bmm(q, keys).mul_(scale / softcap).tanh_().mul_(softcap).sub_(lse_r)
         s = s.unflatten(1, (g, len(r))).unflatten(0, (b, hkv)).flatten(1, 2)  # (B, Hq, R, Tk)
         if bias is not None:
-            s += bias.float().expand(b, hq, tq, tk)[:, :, r]
+            s += bias[:, :, r]
         s.exp_().masked_fill_(~rule.block(r, columns, tk - tq), 0.0)
         out[:, :, start:start + step] = s
     return out
