@@ -159,23 +159,18 @@ class capture_attention:
         positions = positions[positions < t]
         heads = blocks[0][1].shape[0]
         dtype = torch.float16 if t > _HALF_ABOVE else torch.float32
-        layers = [self._recorded[layer] for layer in self.layers]
-        if all(len(rec) == 1 and torch.equal(rec[0][0], positions) and rec[0][1].shape[-1] >= t
-               for rec in layers):  # one prefill per layer: a single copy
-            probs = torch.stack([rec[0][1][..., :t].to(dtype) for rec in layers])
-        else:
-            probs = torch.zeros(len(self.layers), heads, len(positions), t, dtype=dtype)
-            for li, (layer, rec) in enumerate(zip(self.layers, layers, strict=True)):
-                seen = torch.zeros(len(positions), dtype=torch.bool)
-                for pos, block in rec:  # in call order: a later call's row replaces an earlier
-                    keep = pos < t
-                    ri = torch.searchsorted(positions, pos[keep])
-                    width = min(block.shape[-1], t)
-                    probs[li, :, ri, :width] = block[:, keep, :width].to(dtype)
-                    seen[ri] = True
-                if not seen.all():
-                    missing = int(positions[~seen][0])
-                    raise ValueError(f"layer {layer} has no row for position {missing}")
+        probs = torch.zeros(len(self.layers), heads, len(positions), t, dtype=dtype)
+        for li, layer in enumerate(self.layers):
+            seen = torch.zeros(len(positions), dtype=torch.bool)
+            for pos, block in self._recorded[layer]:  # in call order: later rows replace
+                keep = pos < t
+                ri = torch.searchsorted(positions, pos[keep])
+                width = min(block.shape[-1], t)
+                probs[li, :, ri, :width] = block[:, keep, :width].to(dtype)
+                seen[ri] = True
+            if not seen.all():
+                missing = int(positions[~seen][0])
+                raise ValueError(f"layer {layer} has no row for position {missing}")
         positions = positions.tolist()
         full = positions == list(range(t))
         return AttentionMaps(
