@@ -402,7 +402,7 @@ def _pair_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_
                           scale=plan.scale)
         lse_i = lse[:, :, rows] if f.lse_shift is None else lse[:, :, rows] + f.lse_shift
         dq, dk, dv = ops.flash_backward(plan.flash, d_out[:, :, rows], None, qi, f.k, f.v,
-                                        out[:, :, rows].to(q.dtype), lse_i, op_args(call))
+                                        out[:, :, rows], lse_i, op_args(call))
         n = keys.stop - keys.start  # a frame's placeholders get gradients too: dropped
         yield rows, keys, dq, dk[:, :, :n], dv[:, :, :n]
 
@@ -538,8 +538,10 @@ class _RingAttention(torch.autograd.Function):
                 blocks.give(held, _receives_after(plan, step))
             held = incoming
         ctx.plan = plan
+        # The backward operators read the output in the inputs' dtype: cast once, kept.
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
