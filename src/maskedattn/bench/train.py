@@ -92,7 +92,8 @@ def competitor(config: GPTConfig, nanogpt: str | None) -> tuple[str, nn.Module, 
     if not nanogpt:
         return "PlainGPT (SDPA)", PlainGPT(config), lambda m, x, y: m(x, y)
     if config.mlp != "gelu_exact":
-        raise SystemExit("--gelu tanh: nanoGPT's model has the exact (erf) GELU only")
+        raise SystemExit(f"nanoGPT's model has the exact (erf) GELU only, not mlp={config.mlp!r}:"
+                         " compare with --gelu exact (mlp='gelu_exact')")
     path = Path(nanogpt)
     if not path.is_file():
         raise SystemExit(f"--nanogpt: no file {path} (the path of nanoGPT's model.py)")
