@@ -141,3 +141,25 @@ def test_compiled_decoding_gives_the_eager_tokens(name):
     settings = dict(temperature=0.9, top_k=20, seed=3)
     assert ma.generate(model, PROMPTS, 9, compile=True, **settings) == \
         ma.generate(model, PROMPTS, 9, **settings)
+
+
+def test_the_compiled_decode_step_keeps_its_element_wise_kernels_on_the_calling_thread():
+    """Inductor splits element-wise loops of 512 values per thread or more over OpenMP; in a
+    decode step that only wakes workers that then spin on the cores the GEMV's helpers need."""
+    from torch._inductor.utils import run_and_get_code
+
+    from maskedattn.generate import _compiled_decode
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, context=16, n_layer=1, n_head=4, n_embd=512)).eval()
+    cache = model.new_cache(1, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            model.hidden_states(torch.tensor([[1, 2, 3]]), cache=cache)
+            _, code = run_and_get_code(_compiled_decode(), model, torch.tensor([4]),
+                                       torch.tensor([3]), cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert code and not any("omp parallel" in c for c in code)

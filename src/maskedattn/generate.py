@@ -166,7 +166,15 @@ def prefill(model: GPT, prompts: Sequence[Sequence[int]], cache: Sequence[KVCach
 @functools.cache
 def _compiled_decode():
     # One compiled function for the process: dynamo keys its graphs on the model and shapes.
-    return torch.compile(decode_one_token, fullgraph=True)
+    # A decode step's element-wise work is a few thousand values per kernel: inductor would
+    # split it over OpenMP threads, whose workers then spin on the cores that the GEMV's own
+    # helper threads need next (2 threads: 30 ms a token against 25 serial, BENCHMARKS.md).
+    # Below _SERIAL_CHUNK values per thread, its kernels run on the calling thread.
+    return torch.compile(decode_one_token, fullgraph=True,
+                         options={"cpp.min_chunk_size": _SERIAL_CHUNK})
+
+
+_SERIAL_CHUNK = 1 << 16
 
 
 def decode_one_token(model: GPT, token: Tensor, lengths: Tensor,
