@@ -36,6 +36,7 @@ import torch._dynamo  # see below
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
+from .backend import AttentionCall
 from .lowering import OP_FIELDS, OpArgs, call_from_op_args, op_schema
 
 __all__ = ["FORWARD_OPS", "flash_backward", "flash_forward"]
@@ -58,9 +59,13 @@ _BWD_SCHEMA = op_schema(
 
 
 def _tiled_forward(q: Tensor, k: Tensor, v: Tensor, *mask) -> tuple[Tensor, Tensor]:
+    return _tiled_forward_call(q, k, v, call_from_op_args(q, k, OpArgs(*mask)))
+
+
+def _tiled_forward_call(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall
+                        ) -> tuple[Tensor, Tensor]:
     from . import native, tiled
 
-    call = call_from_op_args(q, k, OpArgs(*mask))
     kernel = native.kernel()
     if kernel is not None:
         return tiled.forward_native(kernel, q, k, v, call)
@@ -200,13 +205,19 @@ _triton_fwd, _triton_bwd = _register("triton", _triton_forward, _triton_backward
 FORWARD_OPS = {"tiled": _tiled_fwd, "triton": _triton_fwd}
 
 
-def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs
-                  ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of ``backend``'s forward operator, differentiable through its backward."""
+def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs,
+                  call: AttentionCall | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) of ``backend``'s forward operator, differentiable through its backward.
+
+    ``call``, if given, is the call that ``args`` were lowered from.
+    """
     if backend == "tiled" and _plain_inference(q, k, v, *args):
         # Eager CPU inference (decoding calls this once per layer and token): the operator's
-        # own implementation, without the dispatcher's tens of microseconds around it.
-        return _tiled_forward(q, k, v, *args)
+        # own implementation, without the dispatcher's tens of microseconds around it, on the
+        # call itself rather than one rebuilt from its arguments.
+        if call is None:
+            call = call_from_op_args(q, k, args)
+        return _tiled_forward_call(q, k, v, call)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return _Flash.apply(backend, q, k, v, *args)
     return FORWARD_OPS[backend](q, k, v, *args)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import native, ops, sdpa
 from .backend import AttentionCall
-from .lowering import op_args
+from .lowering import OP_FIELDS, op_args
 from .masks import Alibi, TileKind, bias_block
 
 __all__ = ["backward_torch", "forward_torch", "run", "why_not"]
@@ -73,7 +73,7 @@ def why_not(call: AttentionCall) -> str | None:
 def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     """Backend entry point: the ``maskedattn::tiled_fwd`` operator (autograd through
     ``maskedattn::tiled_bwd``); the LSE only when asked."""
-    out, lse = ops.flash_forward("tiled", q, k, v, op_args(call))
+    out, lse = ops.flash_forward("tiled", q, k, v, op_args(call), call)
     return out, (lse if call.return_lse else None)
 
 
@@ -199,6 +199,7 @@ def backward_torch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_
 # -- the native kernel: its arguments ---------------------------------------------------------
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SCALAR_FIELDS = tuple(name for name, kind in OP_FIELDS if kind != "Tensor?")
 
 
 def _blocks_for(call: AttentionCall, blocks: tuple[int, int], backward: bool) -> tuple[int, int]:
@@ -217,7 +218,9 @@ def _stride(t: Tensor, dim: int) -> int:
 
 
 def _view(t: Tensor) -> native.View:
-    return native.View(t.data_ptr(), *(_stride(t, i) for i in range(3)))
+    # Written out, not through _stride: decoding builds four views per layer and token.
+    (b, h, n, _), (sb, sh, sn, _) = t.shape, t.stride()
+    return native.View(t.data_ptr(), sb if b > 1 else 0, sh if h > 1 else 0, sn if n > 1 else 0)
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
@@ -238,8 +241,8 @@ def _args(call: AttentionCall, blocks: tuple[int, int], keep: list[Tensor]) -> n
     rule = call.rule
     # The scalar fields of the lowering (causal, window, prefix, chunk, softcap, scale) by name;
     # the tensors below, each as the kernel reads it.
-    scalars = {name: value for name, value in op_args(call)._asdict().items()
-               if not isinstance(value, Tensor) and value is not None}
+    args = op_args(call)
+    scalars = {name: getattr(args, name) for name in _SCALAR_FIELDS}
     a = native.AttnArgs(
         batch=call.batch, q_heads=call.q_heads, kv_heads=call.kv_heads, q_len=call.q_len,
         k_len=call.k_len, head_dim=call.head_dim, dtype=_DTYPE_CODES[call.dtype],
@@ -279,7 +282,7 @@ def forward_native(kernel: native.Kernel, q: Tensor, k: Tensor, v: Tensor, call:
     """The forward of the native kernel: (output in q's dtype, lse float32 (B, Hq, Tq))."""
     keep: list[Tensor] = []
     a = _args(call, _blocks_for(call, blocks, backward=False), keep)
-    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:-1])
     a.q, a.k, a.v, a.out = _view(q), _view(k), _view(v), _view(out)
