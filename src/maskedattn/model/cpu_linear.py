@@ -41,13 +41,13 @@ def serves(x: Tensor, weight: Tensor, min_rows: int) -> bool:
     ``min_rows``: calls with at most this many rows are left to the caller (the GEMV kernel).
     """
     return (
-        not torch.compiler.is_exporting()
+        x.numel() > min_rows * weight.shape[1]  # first: it turns away every decoding call
+        and not torch.compiler.is_exporting()
         and x.dtype is torch.float32
         and weight.dtype is torch.float32
         and x.is_cpu
         and weight.is_cpu
         and x.dim() >= 2
-        and x.numel() > min_rows * weight.shape[1]
         and _AVAILABLE
         and not torch.is_autocast_enabled("cpu")
         and not torch._C._are_functorch_transforms_active()
