@@ -399,10 +399,15 @@ static void store_bf16_pair(uint16_t *dst, const float *r0, const float *r1, int
 #endif
 
 /* C (M x N) [+]= A (M x K) . B (K x N), float32 or (bf16) bfloat16 operands, in tiles of MR x NR
- * vectors. In bfloat16 B's pair rows hold each column twice as wide, each step of K two rows. */
+ * vectors. In bfloat16 B's pair rows hold each column twice as wide, each step of K two rows.
+ *
+ * `ends` (NULL: none), non-decreasing, bounds what row i needs on the diagonal tiles of a
+ * causal mask: with `ends_k`, A's row i is zero from column ends[i] on, so the products stop
+ * there; else row i of C is wanted only before column ends[i], and tiles of C past it are not
+ * computed (their scores are masked afterwards). */
 static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64_t lda,
                  const void *B, int64_t ldb, float *C, int64_t ldc, int acc,
-                 const float *row_scale) {
+                 const float *row_scale, const int64_t *ends, int ends_k) {
     const int64_t es = bf16 ? 2 : 4, pair = bf16 ? 2 : 1;
 #if HAVE_BF16
     const ukernel_fn(*table)[NR] = bf16 ? UKBF16_TABLE : UKF32_TABLE;
@@ -413,7 +418,13 @@ static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64
         const int nr = (int)min64(NR, (N - n0) / VW);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int mr = (int)min64(MR, M - m0);
-            table[mr - 1][nr - 1](K, (const char *)A + m0 * lda * es, lda,
+            int64_t k = K;
+            if (ends) { /* the bound of the tile's last row, the loosest of its rows */
+                const int64_t end = ends[m0 + mr - 1];
+                if (!ends_k && n0 >= end) continue;
+                if (ends_k) k = min64(K, (end + pair - 1) / pair * pair); /* bf16: K in pairs */
+            }
+            table[mr - 1][nr - 1](k, (const char *)A + m0 * lda * es, lda,
                                   (const char *)B + n0 * pair * es, ldb * pair,
                                   C + m0 * ldc + n0, ldc, acc, row_scale ? row_scale + m0 : NULL);
         }
@@ -630,10 +641,11 @@ static void pack_kv(const attn_args *a, int bf16, int64_t b, int64_t h, int64_t 
 }
 
 /* One forward thread's scratch: a tile of rows in float32 (f) and bfloat16 (tmp), the query
- * tile, scores s (and as bfloat16 p16), output o, row statistics, and its own k and v tiles
- * when they are not packed once for all. */
+ * tile, scores s (and as bfloat16 p16), output o, row statistics, the rows' column bounds on
+ * partial tiles, and its own k and v tiles when they are not packed once for all. */
 typedef struct {
     float *f, *s, *o, *m, *l, *alpha;
+    int64_t *ends;
     uint16_t *tmp, *p16;
     char *q, *k, *v;
 } fwd_scratch;
@@ -645,6 +657,7 @@ static void forward_scratch(arena *ar, int64_t BQ, int64_t BK, size_t tile, int6
     x.s = take(ar, BQ * BK * 4), x.p16 = bf16 ? take(ar, BQ * BK * 2) : NULL;
     x.o = take(ar, BQ * Dp * 4), x.q = take(ar, BQ * Dp * es);
     x.m = take(ar, BQ * 4), x.l = take(ar, BQ * 4), x.alpha = take(ar, BQ * 4);
+    x.ends = take(ar, BQ * sizeof(int64_t));
     x.k = own_kv ? take(ar, BK * Dp * es) : NULL, x.v = own_kv ? take(ar, BK * Dp * es) : NULL;
     if (w) *w = x;
 }
@@ -736,11 +749,24 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
                     load_tile((float *)k_mine, &a->k, b, hk, kj * BK, BK, a->k_len, D, Dp, dt);
                     load_tile((float *)v_mine, &a->v, b, hk, kj * BK, BK, a->k_len, D, Dp, dt);
                 }
-                /* s = q k^T for the whole tile */
+                /* On a partial tile, the columns each row can see end where the positional
+                 * rules say (causal: the diagonal); a running max keeps the bounds
+                 * non-decreasing, as gemm wants. Past them scores are masked and P is 0. */
+                const int64_t *ends = NULL;
+                if (kind == TILE_PARTIAL && !few) {
+                    for (int64_t r = 0, end = 0; r < BQ; r++) {
+                        int64_t lo, hi;
+                        visible_span(a, b, 0, qi * BQ + r, &lo, &hi);
+                        end = max64(end, min64(hi - kj * BK + 1, BK));
+                        w.ends[r] = end;
+                    }
+                    ends = w.ends;
+                }
+                /* s = q k^T for the tile, but the columns past each row's bound */
                 if (few)
                     scores_few_rows((const float *)q, BQ, (const float *)ktile, ldk, BK, Dp, s);
                 else
-                    gemm(bf16, BQ, BK, Dp, q, Dp, ktile, BK, s, BK, 0, NULL);
+                    gemm(bf16, BQ, BK, Dp, q, Dp, ktile, BK, s, BK, 0, NULL, ends, 0);
                 for (int64_t r = 0; r < BQ; r++) {
                     float *row = s + r * BK;
                     if (!plain || kind == TILE_PARTIAL)
@@ -765,7 +791,7 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
                 }
                 /* o = o * alpha + p v */
                 gemm(bf16, BQ, Dp, BK, bf16 ? (void *)p16 : (void *)s, BK, vtile, ldv, o, Dp, 1,
-                     alpha);
+                     alpha, ends, 1);
             }
             for (int64_t r = 0; r < min64(BQ, a->q_len - qi * BQ); r++) {
                 /* A row that sees no key: output 0, lse -inf. NaN sums stay NaN. */
@@ -934,8 +960,10 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                     const float *lse_t = lse2 + bh * Tqp + qi * BQ;
                     const float *delta_t = delta + bh * Tqp + qi * BQ;
                     /* S^T = k q^T and dP^T = v do^T */
-                    gemm(bf16, BK, BQ, Dp, k, Dp, q_tiles + off * es, BQ, st, BQ, 0, NULL);
-                    gemm(bf16, BK, BQ, Dp, v, Dp, do_tiles + off * es, BQ, dpt, BQ, 0, NULL);
+                    gemm(bf16, BK, BQ, Dp, k, Dp, q_tiles + off * es, BQ, st, BQ, 0, NULL, NULL,
+                         0);
+                    gemm(bf16, BK, BQ, Dp, v, Dp, do_tiles + off * es, BQ, dpt, BQ, 0, NULL, NULL,
+                         0);
                     for (int64_t r = 0; r < BK; r++) {
                         float *srow = st + r * BQ, *dprow = dpt + r * BQ;
                         float *trow = th ? th + r * BQ : NULL;
@@ -959,13 +987,13 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                             store_bf16_pair(dsv16 + (r - 1) * BQ, dprow - BQ, dprow, BQ);
                     }
                     gemm(bf16, BK, Dp, BQ, bf16 ? (void *)pt16 : (void *)st, BQ,
-                         do_rows + off * es, Dp, dv, Dp, 1, NULL);
+                         do_rows + off * es, Dp, dv, Dp, 1, NULL, NULL, 0);
                     gemm(bf16, BK, Dp, BQ, bf16 ? (void *)dst16 : (void *)dpt, BQ,
-                         q_rows + off * es, Dp, dk, Dp, 1, NULL);
+                         q_rows + off * es, Dp, dk, Dp, 1, NULL, NULL, 0);
                     int64_t *done = &dq_done[bh * nq + qi];
                     wait_for_turn(done, previous_key_tile(a, b, h, qi, kj) + 1);
                     gemm(bf16, Dp, BQ, BK, k_tt, BK, bf16 ? (void *)dsv16 : (void *)dpt, BQ,
-                         dq + off, BQ, 1, NULL);
+                         dq + off, BQ, 1, NULL, NULL, 0);
                     __atomic_store_n(done, kj + 1, __ATOMIC_RELEASE);
                 }
             }
