@@ -398,16 +398,24 @@ static void store_bf16_pair(uint16_t *dst, const float *r0, const float *r1, int
 }
 #endif
 
+/* Bounds on what each row of A needs, on the tiles a mask leaves partial (see gemm). */
+enum {
+    COLS_BEFORE, /* row i of C is wanted before column bound[i] only (non-decreasing) */
+    K_BEFORE,    /* row i of A is zero from column bound[i] on (non-decreasing) */
+    COLS_FROM,   /* row i of C is wanted from column bound[i] on only (non-decreasing) */
+    K_FROM,      /* row i of A is zero before column bound[i] (non-decreasing) */
+};
+
 /* C (M x N) [+]= A (M x K) . B (K x N), float32 or (bf16) bfloat16 operands, in tiles of MR x NR
  * vectors. In bfloat16 B's pair rows hold each column twice as wide, each step of K two rows.
  *
- * `ends` (NULL: none), non-decreasing, bounds what row i needs on the diagonal tiles of a
- * causal mask: with `ends_k`, A's row i is zero from column ends[i] on, so the products stop
- * there; else row i of C is wanted only before column ends[i], and tiles of C past it are not
- * computed (their scores are masked afterwards). */
+ * `bound` (NULL: none) says, as `kind` tells, which part of each row the caller needs: tiles of
+ * C it does not need are not computed (the scores there are masked afterwards), and the products
+ * skip the columns where A is zero. A tile of rows takes the loosest bound of its rows, its last
+ * row's for the "before" kinds and its first row's for the "from" kinds. */
 static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64_t lda,
                  const void *B, int64_t ldb, float *C, int64_t ldc, int acc,
-                 const float *row_scale, const int64_t *ends, int ends_k) {
+                 const float *row_scale, const int64_t *bound, int kind) {
     const int64_t es = bf16 ? 2 : 4, pair = bf16 ? 2 : 1;
 #if HAVE_BF16
     const ukernel_fn(*table)[NR] = bf16 ? UKBF16_TABLE : UKF32_TABLE;
@@ -418,15 +426,19 @@ static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64
         const int nr = (int)min64(NR, (N - n0) / VW);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int mr = (int)min64(MR, M - m0);
-            int64_t k = K;
-            if (ends) { /* the bound of the tile's last row, the loosest of its rows */
-                const int64_t end = ends[m0 + mr - 1];
-                if (!ends_k && n0 >= end) continue;
-                if (ends_k) k = min64(K, (end + pair - 1) / pair * pair); /* bf16: K in pairs */
+            int64_t k0 = 0, k1 = K; /* bfloat16 steps take K in pairs */
+            if (bound) {
+                const int64_t b = bound[kind == COLS_BEFORE || kind == K_BEFORE ? m0 + mr - 1
+                                                                                : m0];
+                if (kind == COLS_BEFORE && n0 >= b) continue;
+                if (kind == COLS_FROM && n0 + nr * VW <= b) continue;
+                if (kind == K_BEFORE) k1 = min64(K, (b + pair - 1) / pair * pair);
+                if (kind == K_FROM) k0 = min64(K, b / pair * pair);
             }
-            table[mr - 1][nr - 1](k, (const char *)A + m0 * lda * es, lda,
-                                  (const char *)B + n0 * pair * es, ldb * pair,
-                                  C + m0 * ldc + n0, ldc, acc, row_scale ? row_scale + m0 : NULL);
+            table[mr - 1][nr - 1](k1 - k0, (const char *)A + (m0 * lda + k0) * es, lda,
+                                  (const char *)B + ((k0 / pair) * ldb * pair + n0 * pair) * es,
+                                  ldb * pair, C + m0 * ldc + n0, ldc, acc,
+                                  row_scale ? row_scale + m0 : NULL);
         }
     }
 }
@@ -766,7 +778,7 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
                 if (few)
                     scores_few_rows((const float *)q, BQ, (const float *)ktile, ldk, BK, Dp, s);
                 else
-                    gemm(bf16, BQ, BK, Dp, q, Dp, ktile, BK, s, BK, 0, NULL, ends, 0);
+                    gemm(bf16, BQ, BK, Dp, q, Dp, ktile, BK, s, BK, 0, NULL, ends, COLS_BEFORE);
                 for (int64_t r = 0; r < BQ; r++) {
                     float *row = s + r * BK;
                     if (!plain || kind == TILE_PARTIAL)
@@ -791,7 +803,7 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
                 }
                 /* o = o * alpha + p v */
                 gemm(bf16, BQ, Dp, BK, bf16 ? (void *)p16 : (void *)s, BK, vtile, ldv, o, Dp, 1,
-                     alpha, ends, 1);
+                     alpha, ends, K_BEFORE);
             }
             for (int64_t r = 0; r < min64(BQ, a->q_len - qi * BQ); r++) {
                 /* A row that sees no key: output 0, lse -inf. NaN sums stay NaN. */
@@ -810,11 +822,13 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
 
 /* One backward thread's scratch: tiles of rows in float32 (f, g) and bfloat16 (tmp), the key
  * tile's k, v and k^T, its dk and dv, the transposed scores and their gradient (st, dpt), the
- * softcap's tanh, and bfloat16 copies of P^T and dS^T (as rows and as pair rows). */
+ * softcap's tanh, bfloat16 copies of P^T and dS^T (as rows and as pair rows), and the key rows'
+ * bounds on partial tiles. */
 typedef struct {
     float *f, *g, *dk, *dv, *st, *dpt, *th;
     uint16_t *tmp, *pt16, *dst16, *dsv16;
     char *k, *v, *k_tt;
+    int64_t *starts;
 } bwd_scratch;
 
 static void backward_scratch(arena *ar, int64_t BQ, int64_t BK, size_t tile, int64_t Dp,
@@ -827,6 +841,7 @@ static void backward_scratch(arena *ar, int64_t BQ, int64_t BK, size_t tile, int
     x.th = softcap ? take(ar, BK * BQ * 4) : NULL;
     x.pt16 = bf16 ? take(ar, BK * BQ * 2) : NULL, x.dst16 = bf16 ? take(ar, BK * BQ * 2) : NULL;
     x.dsv16 = bf16 ? take(ar, BK * BQ * 2) : NULL;
+    x.starts = take(ar, BK * sizeof(int64_t));
     if (w) *w = x;
 }
 
@@ -959,9 +974,25 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                     const size_t off = (bh * Tqp + qi * BQ) * Dp;
                     const float *lse_t = lse2 + bh * Tqp + qi * BQ;
                     const float *delta_t = delta + bh * Tqp + qi * BQ;
-                    /* S^T = k q^T and dP^T = v do^T */
-                    gemm(bf16, BK, BQ, Dp, k, Dp, q_tiles + off * es, BQ, st, BQ, 0, NULL, NULL,
-                         0);
+                    /* On a partial tile, the queries each key is seen by start where the
+                     * positional rules say (causal: the diagonal); a minimum from the last row
+                     * up keeps the bounds non-decreasing, as gemm wants. Before them P and dS
+                     * are 0. */
+                    const int64_t *starts = NULL;
+                    if (kind == TILE_PARTIAL) {
+                        for (int64_t r = BK - 1, start = BQ; r >= 0; r--) {
+                            int64_t lo, hi;
+                            visible_span(a, b, 1, kj * BK + r, &lo, &hi);
+                            lo -= qi * BQ, hi -= qi * BQ;
+                            if (hi >= lo && hi >= 0) start = min64(start, max64(lo, 0));
+                            w.starts[r] = start;
+                        }
+                        starts = w.starts;
+                    }
+                    /* S^T = k q^T, but the columns before each row's bound (not with a softcap,
+                     * whose tanh of them the gradient would read), and dP^T = v do^T */
+                    gemm(bf16, BK, BQ, Dp, k, Dp, q_tiles + off * es, BQ, st, BQ, 0, NULL,
+                         th ? NULL : starts, COLS_FROM);
                     gemm(bf16, BK, BQ, Dp, v, Dp, do_tiles + off * es, BQ, dpt, BQ, 0, NULL, NULL,
                          0);
                     for (int64_t r = 0; r < BK; r++) {
@@ -987,9 +1018,9 @@ static inline __attribute__((always_inline)) int backward_impl(const attn_args *
                             store_bf16_pair(dsv16 + (r - 1) * BQ, dprow - BQ, dprow, BQ);
                     }
                     gemm(bf16, BK, Dp, BQ, bf16 ? (void *)pt16 : (void *)st, BQ,
-                         do_rows + off * es, Dp, dv, Dp, 1, NULL, NULL, 0);
+                         do_rows + off * es, Dp, dv, Dp, 1, NULL, starts, K_FROM);
                     gemm(bf16, BK, Dp, BQ, bf16 ? (void *)dst16 : (void *)dpt, BQ,
-                         q_rows + off * es, Dp, dk, Dp, 1, NULL, NULL, 0);
+                         q_rows + off * es, Dp, dk, Dp, 1, NULL, starts, K_FROM);
                     int64_t *done = &dq_done[bh * nq + qi];
                     wait_for_turn(done, previous_key_tile(a, b, h, qi, kj) + 1);
                     gemm(bf16, Dp, BQ, BK, k_tt, BK, bf16 ? (void *)dsv16 : (void *)dpt, BQ,
