@@ -426,7 +426,7 @@ static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64
         const int nr = (int)min64(NR, (N - n0) / VW);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int mr = (int)min64(MR, M - m0);
-            int64_t k0 = 0, k1 = K; /* bfloat16 steps take K in pairs */
+            int64_t k0 = 0, k1 = K; /* bfloat16 steps take K in pairs: k0 is a whole pair */
             if (bound) {
                 const int64_t b = bound[kind == COLS_BEFORE || kind == K_BEFORE ? m0 + mr - 1
                                                                                 : m0];
@@ -436,7 +436,7 @@ static void gemm(int bf16, int64_t M, int64_t N, int64_t K, const void *A, int64
                 if (kind == K_FROM) k0 = min64(K, b / pair * pair);
             }
             table[mr - 1][nr - 1](k1 - k0, (const char *)A + (m0 * lda + k0) * es, lda,
-                                  (const char *)B + ((k0 / pair) * ldb * pair + n0 * pair) * es,
+                                  (const char *)B + (k0 * ldb + n0 * pair) * es,
                                   ldb * pair, C + m0 * ldc + n0, ldc, acc,
                                   row_scale ? row_scale + m0 : NULL);
         }
