@@ -163,6 +163,9 @@ def prefill(model: GPT, prompts: Sequence[Sequence[int]], cache: Sequence[KVCach
     return model.lm_head(hidden[torch.arange(len(prompts), device=device), last])
 
 
+_SERIAL_CHUNK = 1 << 16
+
+
 @functools.cache
 def _compiled_decode():
     # One compiled function for the process: dynamo keys its graphs on the model and shapes.
@@ -172,9 +175,6 @@ def _compiled_decode():
     # Below _SERIAL_CHUNK values per thread, its kernels run on the calling thread.
     return torch.compile(decode_one_token, fullgraph=True,
                          options={"cpp.min_chunk_size": _SERIAL_CHUNK})
-
-
-_SERIAL_CHUNK = 1 << 16
 
 
 def decode_one_token(model: GPT, token: Tensor, lengths: Tensor,
