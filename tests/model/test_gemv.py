@@ -98,6 +98,25 @@ def test_threads_and_concurrent_callers_give_identical_results():
     assert all(torch.equal(r, alone) for r in results)
 
 
+@native
+def test_warming_weights_that_were_freed_since_is_harmless():
+    """Helpers warm the cache with the weights that followed last time: here those were freed
+    (24 MiB: unmapped, not kept by malloc), and reading them with loads would fault."""
+    x, w = torch.randn(1, 768), torch.randn(2304, 768)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        gone = torch.randn(8192, 768)
+        for _ in range(3):  # learn: w, then gone
+            gemv.native_linear(x, w)
+            gemv.native_linear(x, gone)
+        del gone
+        results = [gemv.native_linear(x, w) for _ in range(20)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(relative_error(r, F.linear(x, w)) < 1e-5 for r in results)
+
+
 def test_the_operator_passes_opcheck_and_stays_in_a_compiled_decode_step():
     from maskedattn.generate import decode_one_token
     from maskedattn.model import GPT, GPTConfig

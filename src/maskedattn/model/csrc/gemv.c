@@ -5,7 +5,8 @@
  * once per row of x). BLAS libraries tune for matrix-matrix products; this kernel only streams.
  * Threads take contiguous ranges of weight rows; each row is read front to back once (one
  * sequential stream the hardware prefetcher follows) and serves all M rows of x while it sits
- * in the L1 cache.
+ * in the L1 cache. Between calls a helper thread warms the shared cache with the weights the
+ * next call will read (learned from the order of the calls, see warm()).
  *
  * Each output element is computed by the same instruction sequence whatever M, the thread
  * count or the split between threads, so a row's result does not depend on its batch.
@@ -102,6 +103,8 @@ static struct {
     _Atomic int64_t unfinished; /* chunks of the task not yet computed */
     _Atomic int helpers;        /* how many helpers may join the task */
     _Atomic int sleeping;
+    _Atomic(const char *) ahead; /* the weights the next call will likely read */
+    _Atomic int64_t ahead_bytes;
     int threads;                /* helpers started */
 } pool = {.caller = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
@@ -129,6 +132,33 @@ static void work(uint32_t gen) {
     }
 }
 
+/* Between two products the caller computes norms, attention, residuals: the memory bus idles.
+ * A helper done with its share streams (its slice of) the weights the next call will read
+ * into the shared L3 cache, until that call arrives. Prefetch instructions never fault, so a
+ * stale guess (weights freed since) costs nothing but bandwidth. */
+#define AHEAD_MAX ((int64_t)24 << 20) /* stay well inside a 32 MiB L3 */
+static void warm(uint32_t gen, int id, int helpers) {
+    const char *p = atomic_load(&pool.ahead);
+    int64_t bytes = atomic_load(&pool.ahead_bytes);
+    if (!p || helpers <= 0) return;
+    if (bytes > AHEAD_MAX) bytes = AHEAD_MAX;
+    int64_t lo = bytes / helpers * id, hi = id == helpers - 1 ? bytes : lo + bytes / helpers;
+    for (int64_t off = lo; off < hi; off += 64) {
+        if ((off & 4095) == 0 && atomic_load(&pool.generation) != gen) return;
+        __builtin_prefetch(p + off, 0, 3);
+    }
+}
+
+/* Which weights followed which: a decode step calls its products in the same order every
+ * token, so the last successor of a weight is the next call's. Written by the caller only. */
+#define SUCCESSOR_BITS 9 /* 512 entries: a 12-layer model calls 49 weights */
+static struct { const void *w, *next; int64_t next_bytes; } successor[1 << SUCCESSOR_BITS];
+static const void *last_w;
+
+static size_t slot(const void *w) { /* Fibonacci hashing of the 64-byte line address */
+    return (uint64_t)((uintptr_t)w >> 6) * 0x9E3779B97F4A7C15ull >> (64 - SUCCESSOR_BITS);
+}
+
 static void *helper(void *arg) {
     int id = (int)(intptr_t)arg;
     uint32_t seen = atomic_load(&pool.generation);
@@ -148,7 +178,10 @@ static void *helper(void *arg) {
             pthread_mutex_unlock(&pool.lock);
         }
         seen = gen;
-        if (id < atomic_load(&pool.helpers)) work(gen);
+        if (id < atomic_load(&pool.helpers)) {
+            work(gen);
+            warm(gen, id, atomic_load(&pool.helpers));
+        }
     }
     return NULL;
 }
@@ -156,7 +189,7 @@ static void *helper(void *arg) {
 static void forget_threads(void) { pool.threads = 0; } /* a forked child has none */
 
 static void parallel_rows(void (*run)(const void *, int64_t, int64_t), const void *args,
-                          int64_t rows, int64_t row_bytes, int threads) {
+                          int64_t rows, int64_t row_bytes, int threads, const void *w) {
     /* ~256 KiB of weights per chunk: few claims, and even shares on two threads or more. */
     int64_t chunk = row_bytes >= (256 << 10) ? 1 : (256 << 10) / row_bytes;
     int64_t chunks = (rows + chunk - 1) / chunk;
@@ -178,6 +211,15 @@ static void parallel_rows(void (*run)(const void *, int64_t, int64_t), const voi
     uint32_t gen = atomic_load(&pool.generation) + 1;
     atomic_store(&pool.ticket, (uint64_t)gen << 32 | CLOSED);
     pool.task = (Task){run, args, rows, chunk, chunks};
+    if (last_w) {
+        size_t i = slot(last_w);
+        successor[i].w = last_w, successor[i].next = w, successor[i].next_bytes = rows * row_bytes;
+    }
+    last_w = w;
+    size_t j = slot(w);
+    int known = successor[j].w == w;
+    atomic_store(&pool.ahead, known ? (const char *)successor[j].next : NULL);
+    atomic_store(&pool.ahead_bytes, known ? successor[j].next_bytes : 0);
     atomic_store(&pool.helpers, threads - 1);
     atomic_store(&pool.unfinished, chunks);
     atomic_store(&pool.ticket, (uint64_t)gen << 32);
@@ -228,7 +270,7 @@ static void rows_bf16(const void *p, int64_t lo, int64_t hi) {
 void gemv_f32(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t N,
               int64_t K, int threads) {
     Args a = {x, w, b, y, M, N, K};
-    parallel_rows(rows_f32, &a, N, K * (int64_t)sizeof(float), threads);
+    parallel_rows(rows_f32, &a, N, K * (int64_t)sizeof(float), threads, w);
 }
 
 /* bfloat16 in and out, float32 accumulation; x and b are widened once per call.
@@ -241,7 +283,7 @@ int gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t 
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
     for (int64_t i = 0; b && i < N; i++) bf[i] = bf16_to_f32(b[i]);
     Args a = {xf, w, bf, y, M, N, K};
-    parallel_rows(rows_bf16, &a, N, K * (int64_t)sizeof(uint16_t), threads);
+    parallel_rows(rows_bf16, &a, N, K * (int64_t)sizeof(uint16_t), threads, w);
     free(xf);
     return 0;
 }
