@@ -152,6 +152,19 @@ def load(source: Path, flags: list[str], name: str, symbols: Mapping[str, Signat
     return lib
 
 
+def load_for_cpu(source: Path, flags: list[str], name: str, symbols: Mapping[str, Signature],
+                 wanted: str) -> ctypes.CDLL:
+    """:func:`load` of ``source`` for the instruction set ``wanted`` (see
+    :func:`requested_instruction_set`): "auto" is this CPU's own (``-march=native``, with the
+    CPU's flags in the cache key, so that such code never meets another CPU), a name that
+    set's variant. Raises ``RuntimeError`` saying why when there is no usable library."""
+    if wanted == "auto":
+        return load(source, [*flags, "-march=native"], name, symbols,
+                    key_extra=" ".join(sorted(cpu_flags())))
+    target = choose_instruction_set(wanted)
+    return load(source, [*flags, *target.cc_flags], f"{name}_{target.name}", symbols)
+
+
 def _open(path: Path, symbols: Mapping[str, Signature]) -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, what is wrong with it)."""
     try:

@@ -27,3 +27,16 @@ def test_compiled_run_counts_graph_breaks(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "torch.compile of maskedattn:" in out and "graph break(s)" in out
     assert "maskedattn eager" in out and "PlainGPT (SDPA) compiled" in out
+
+
+def test_each_model_in_processes_of_its_own(capsys, monkeypatch):
+    monkeypatch.delenv("MASKEDATTN_NANOGPT", raising=False)
+    assert main(["bench", "train", *SMALL, "--processes", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "in each of 1 processes per model" in out
+    assert "throughput ratio maskedattn / PlainGPT (SDPA)" in out
+
+
+def test_processes_with_compile_is_refused():
+    with pytest.raises(SystemExit):
+        main(["bench", "train", *SMALL, "--processes", "1", "--compile"])

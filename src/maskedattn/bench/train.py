@@ -10,9 +10,17 @@ Both models take full AdamW steps (forward, backward, update; the same optimizer
 both) on the same random batches, timed alternately in one process; the table shows medians
 and the throughput ratio ours/theirs (above 1.0: we are faster).
 
+Alternating in one process keeps both models under the same machine state, but not under the
+same heap: each step runs on the memory the other's step left, and glibc's choice of which
+freed memory to return to the system (every page taken back is a page fault, and a zeroed
+page, when it is used again) then depends on the pair. ``--processes N`` times each model in a
+fresh process of its own instead, N rounds interleaved (ours, theirs, ours, ...): one model per
+process, as training runs. BENCHMARKS.md records both.
+
     python benchmarks/train_cpu.py --nanogpt /tmp/nanoGPT/model.py
     python benchmarks/train_cpu.py --dtype bfloat16      # under bfloat16 autocast
     python benchmarks/train_cpu.py --compile             # torch.compile of both models
+    python benchmarks/train_cpu.py --processes 3         # each model in its own processes
 
 With ``--compile`` both models go through ``torch.compile`` and the table adds our eager step
 as a third contestant; the number of graphs and graph breaks of each compiled forward
@@ -25,6 +33,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import multiprocessing
 import os
 import platform
 import statistics
@@ -179,6 +188,48 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
     return {label: statistics.median(ts) for label, ts in times.items()}, breaks
 
 
+def measure_apart(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, warmup: int,
+                  rounds: int, *, nanogpt: str | None = None, optimizer: str = "default",
+                  clock: str = "wall", threads: int | None = None) -> dict[str, float]:
+    """Median seconds per training step of each model, each timed in fresh processes of its
+    own: ``rounds`` rounds, each one process for ours and then one for the competitor's, each
+    process ``warmup`` untimed and ``repeats`` timed steps. ``clock``: "wall" or "cpu"."""
+    times: dict[str, list[float]] = {}
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fresh heap
+    with context.Pool(1, maxtasksperchild=1) as pool:  # one process per task
+        for _ in range(rounds):
+            for ours in (True, False):
+                name, ts = pool.apply(_time_alone, (ours, config, batch, dtype, repeats, warmup,
+                                                    nanogpt, optimizer, clock, threads))
+                times.setdefault(name, []).extend(ts)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _time_alone(ours: bool, config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int,
+                warmup: int, nanogpt: str | None, optimizer: str, clock: str,
+                threads: int | None) -> tuple[str, list[float]]:
+    """(name, seconds of each timed step) of one model, the only one in this process."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if ours:
+        name, model, loss = "maskedattn", GPT(config), lambda m, x, y: m(x, y).loss
+    else:
+        name, model, loss = competitor(config, nanogpt)
+    x = torch.randint(0, config.vocab_size, (batch, config.context))
+    y = torch.randint(0, config.vocab_size, (batch, config.context))
+    step = _step_fn(model, loss, dtype, optimizer)
+    for _ in range(warmup):
+        step(x, y)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        step(x, y)
+        times.append(now() - t0)
+    return name, times
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the throughput table."""
     p = argparse.ArgumentParser(prog="maskedattn bench train", description=__doc__,
@@ -204,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
                    help="the MLP's GELU in both models: exact (erf; nanoGPT's, PyTorch's"
                         " default) or tanh (GPT-2's approximation; PlainGPT only)")
+    p.add_argument("--processes", type=int, default=0, metavar="ROUNDS",
+                   help="time each model alone in fresh processes, ROUNDS rounds interleaved"
+                        " (default 0: both in this process, timed alternately; see above)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time each step by this process's CPU time (all threads), for a"
@@ -215,16 +269,27 @@ def main(argv: list[str] | None = None) -> int:
                               n_embd=args.n_embd, context=args.context, vocab_size=args.vocab,
                               mlp="gelu_exact" if args.gelu == "exact" else "gelu")
     dtype = getattr(torch, args.dtype)
-    result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
-                             nanogpt=args.nanogpt, compile=args.compile,
-                             optimizer=args.optimizer,
-                             clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+    if args.processes and args.compile:
+        p.error("--processes times eager steps only; leave out --compile")
+    if args.processes:
+        breaks: dict[str, tuple[int, int]] = {}
+        result = measure_apart(config, args.batch, dtype, args.repeats, args.warmup,
+                               args.processes, nanogpt=args.nanogpt, optimizer=args.optimizer,
+                               clock=args.clock, threads=args.threads)
+    else:
+        result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
+                                 nanogpt=args.nanogpt, compile=args.compile,
+                                 optimizer=args.optimizer,
+                                 clock=time.process_time if args.clock == "cpu"
+                                 else time.perf_counter)
     tokens = args.batch * args.context
     params = GPT(config).num_params()
     print(f"training step, {params / 1e6:.1f}M parameters, batch {args.batch} x {args.context}"
           f" tokens, {args.dtype}, AdamW {args.optimizer}, {torch.get_num_threads()} threads,"
           f" torch {torch.__version__}, {platform.processor() or platform.machine()};"
-          f" {args.clock} clock, median of {args.repeats}")
+          f" {args.clock} clock, median of {args.repeats}"
+          + (f" steps in each of {args.processes} processes per model" if args.processes
+             else ", in one process"))
     for name, (graphs, n_breaks) in breaks.items():
         print(f"torch.compile of {name}: {graphs} graph(s), {n_breaks} graph break(s)")
     print(f"{'model':<28}{'ms/step':>10}{'tokens/s':>12}")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cbuild import choose_instruction_set, cpu_flags, load, requested_instruction_set
+from .._cbuild import load_for_cpu, requested_instruction_set
 
 __all__ = ["MAX_ROWS", "linear", "native_linear", "native_status"]
 
@@ -139,19 +139,9 @@ def _library() -> ctypes.CDLL | None:
         _status[0] = "disabled by MASKEDATTN_NATIVE=0"
         return None
     try:
-        lib = _load(wanted)
+        lib = load_for_cpu(_SOURCE, _FLAGS, "gemv", _SYMBOLS, wanted)
     except (OSError, RuntimeError) as err:
         _status[0] = f"unavailable, using torch.nn.functional.linear: {err}"
         return None
     _status[0] = f"native kernel {lib._name}"
     return lib
-
-
-def _load(wanted: str) -> ctypes.CDLL:
-    """Compile the kernel once per source, flags and CPU; reuse the verified library after."""
-    if wanted == "auto":
-        # -march=native code must not meet another CPU: the CPU's flags are part of the key.
-        return load(_SOURCE, [*_FLAGS, "-march=native"], "gemv", _SYMBOLS,
-                    key_extra=" ".join(sorted(cpu_flags())))
-    target = choose_instruction_set(wanted)
-    return load(_SOURCE, [*_FLAGS, *target.cc_flags], f"gemv_{target.name}", _SYMBOLS)

@@ -18,6 +18,7 @@ from ..attention import Mask, attention
 from ..attention.kv_cache import KVCache
 from . import cpu_linear, gemv, rope
 from .config import GPTConfig
+from .gelu import gelu
 
 __all__ = ["Block", "CausalSelfAttention", "FeedForward", "Linear", "Positions", "RMSNorm",
            "apply_rope", "make_norm", "rope_tables"]
@@ -145,7 +146,7 @@ class FeedForward(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate=self.approximate)
+            h = gelu(h, self.approximate)
         return self.proj(h)
 
 

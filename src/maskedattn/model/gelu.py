@@ -1,0 +1,154 @@
+"""GELU on the CPU through a native kernel, in both forms: exact (erf) and GPT-2's tanh.
+
+torch's CPU GELU evaluates tanh, or erf and (in the backward) a second exponential, with
+general-purpose vector functions: on the machines this project is measured on, the tanh form
+costs five times the exact one, and a GPT-2 block's GELU a few percent of a training step.
+``csrc/gelu.c`` derives each form and its gradient from one exponential (numbers in
+BENCHMARKS.md). :func:`gelu` uses it where it applies (see :func:`serves`) and
+``F.gelu``, its readable twin and test oracle, everywhere else. Results agree with ``F.gelu``
+to float32 rounding (relative error ~1e-7, as torch's own against float64); bfloat16 is
+computed in float32 and rounded once, as torch does.
+
+The kernel is compiled on first use and loaded by the package's one loader, as the GEMV's is;
+``MASKEDATTN_NATIVE`` means what it means for the other kernels (``0``: off). Calls go through
+the custom operators ``torch.ops.maskedattn.gelu`` and ``gelu_backward`` (autograd registered;
+a double backward runs torch's differentiable ``gelu_backward``). Under ``torch.compile``,
+``torch.export`` and the ``torch.func`` transforms :func:`gelu` is ``F.gelu``: inductor fuses an
+element-wise function with its neighbours, which an opaque operator would prevent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._cbuild import load_for_cpu, requested_instruction_set
+
+__all__ = ["MIN_NATIVE", "gelu", "native_status", "serves"]
+
+#: Fewer elements than this (a decoding step's few rows) stay with ``F.gelu``: there the
+#: operator's fixed cost exceeds what the kernel saves.
+MIN_NATIVE = 1 << 16
+
+_SOURCE = Path(__file__).with_name("csrc") / "gelu.c"
+_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # DT_* of the C source
+_FORMS = {"none": 0, "tanh": 1}
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(x, approximate=approximate)``, through the native kernel when it serves ``x``."""
+    if serves(x, approximate):
+        return torch.ops.maskedattn.gelu(x, approximate)
+    return F.gelu(x, approximate=approximate)
+
+
+def serves(x: Tensor, approximate: str = "none") -> bool:
+    """True if :func:`gelu` runs ``x`` through the native kernel: eager, a plain contiguous CPU
+    tensor of float32 or bfloat16 with at least :data:`MIN_NATIVE` elements."""
+    return (
+        x.numel() >= MIN_NATIVE  # first: it turns away every decoding call
+        and type(x) is Tensor  # a subclass (DTensor, a tensor-parallel shard) keeps its own rules
+        and x.dtype in _DTYPES
+        and x.is_cpu
+        and approximate in _FORMS
+        and x.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and _library() is not None
+    )
+
+
+def native_status() -> str:
+    """Where the native kernel comes from, or why ``F.gelu`` is used instead."""
+    _library()
+    return _status[0]
+
+
+_status = ["not loaded yet"]
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SYMBOLS = {"gelu_forward": ([_P, _P, _I64, _INT, _INT, _INT], None),
+            "gelu_backward": ([_P, _P, _P, _I64, _INT, _INT, _INT], None)}
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    wanted = requested_instruction_set()
+    if wanted is None:
+        _status[0] = "disabled by MASKEDATTN_NATIVE=0"
+        return None
+    try:
+        lib = load_for_cpu(_SOURCE, _FLAGS, "gelu", _SYMBOLS, wanted)
+    except (OSError, RuntimeError) as err:
+        _status[0] = f"unavailable, using torch.nn.functional.gelu: {err}"
+        return None
+    _status[0] = f"native kernel {lib._name}"
+    return lib
+
+
+def _check(approximate: str, *tensors: Tensor) -> None:
+    x = tensors[-1]
+    if approximate not in _FORMS:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    for t in tensors:
+        if t.dtype not in _DTYPES or not t.is_cpu or t.dtype != x.dtype or t.shape != x.shape:
+            got = [(t.dtype, tuple(t.shape)) for t in tensors]
+            raise ValueError("maskedattn::gelu takes CPU float32 or bfloat16 tensors of one"
+                             f" shape and dtype, got {got}")
+
+
+@torch.library.custom_op("maskedattn::gelu", mutates_args=(), device_types="cpu")
+def _gelu(x: Tensor, approximate: str) -> Tensor:
+    _check(approximate, x)
+    lib = _library()
+    if lib is None:
+        return F.gelu(x, approximate=approximate)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.gelu_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype],
+                     _FORMS[approximate], torch.get_num_threads())
+    return y
+
+
+@_gelu.register_fake
+def _(x: Tensor, approximate: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("maskedattn::gelu_backward", mutates_args=(), device_types="cpu")
+def _gelu_backward(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
+    _check(approximate, grad, x)
+    lib = _library()
+    if lib is None:
+        return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
+    grad, x = grad.contiguous(), x.contiguous()
+    dx = torch.empty_like(x)
+    lib.gelu_backward(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(),
+                      _DTYPES[x.dtype], _FORMS[approximate], torch.get_num_threads())
+    return dx
+
+
+@_gelu_backward.register_fake
+def _(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, approximate = inputs
+    ctx.save_for_backward(x)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): a differentiable gradient
+        return torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate), None
+    return torch.ops.maskedattn.gelu_backward(grad.to(x.dtype), x, ctx.approximate), None
+
+
+_gelu.register_autograd(_backward, setup_context=_setup_context)
