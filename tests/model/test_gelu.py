@@ -29,8 +29,8 @@ def test_matches_float64_as_well_as_torch_does(dtype, approximate, shape):
     x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)  # both tails of the curve
     grad = torch.randn(shape, dtype=dtype)
     want, want_dx = _exact(x, grad, approximate)
-    ours = torch.ops.maskedattn.gelu(x, approximate)
-    ours_dx = torch.ops.maskedattn.gelu_backward(grad, x, approximate)
+    ours = gelu.native_forward(x, approximate)
+    ours_dx = gelu.native_backward(grad, x, approximate)
     theirs = F.gelu(x, approximate=approximate)
     theirs_dx = torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
     assert ours.dtype == ours_dx.dtype == dtype and ours.shape == ours_dx.shape == x.shape
@@ -44,17 +44,17 @@ def test_matches_float64_as_well_as_torch_does(dtype, approximate, shape):
 def test_special_values(approximate):
     x = torch.tensor([-60.0, -9.0, -0.0, 0.0, 1e-30, 9.0, 60.0])
     want, want_dx = _exact(x, torch.ones_like(x), approximate)
-    ours = torch.ops.maskedattn.gelu(x, approximate)
-    ours_dx = torch.ops.maskedattn.gelu_backward(torch.ones_like(x), x, approximate)
+    ours = gelu.native_forward(x, approximate)
+    ours_dx = gelu.native_backward(torch.ones_like(x), x, approximate)
     # absolute: in the far left tail gelu is ~0 (torch returns 0 there, we return ~1e-18)
     torch.testing.assert_close(ours, want.float(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours_dx, want_dx.float(), atol=1e-6, rtol=1e-6)
     odd = torch.tensor([float("nan"), -float("inf"), float("inf")])
     # gelu(-inf) = -inf * 0 and gelu'(+-inf) are NaN, as torch gives them; gelu(+inf) is +inf
     # (torch's exact form computes inf * (1 + erf(inf)) / 2 and returns NaN there).
-    y = torch.ops.maskedattn.gelu(odd, approximate)
+    y = gelu.native_forward(odd, approximate)
     assert y[:2].isnan().all() and y[2] == float("inf")
-    assert torch.ops.maskedattn.gelu_backward(torch.ones(3), odd, approximate).isnan().all()
+    assert gelu.native_backward(torch.ones(3), odd, approximate).isnan().all()
     assert torch.ops.aten.gelu_backward(torch.ones(3), odd, approximate=approximate).isnan().all()
 
 
@@ -65,9 +65,9 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.maskedattn.gelu(x, "tanh"), torch.ops.maskedattn.gelu_backward(x, x, "none")
+        one = gelu.native_forward(x, "none"), gelu.native_backward(x, x, "tanh")
         torch.set_num_threads(2)
-        two = torch.ops.maskedattn.gelu(x, "tanh"), torch.ops.maskedattn.gelu_backward(x, x, "none")
+        two = gelu.native_forward(x, "none"), gelu.native_backward(x, x, "tanh")
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
@@ -120,7 +120,9 @@ def test_the_operators_pass_opcheck():
     with pytest.raises(ValueError, match="approximate"):
         torch.ops.maskedattn.gelu(x, "sigmoid")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        torch.ops.maskedattn.gelu(x.double(), "none")
+        gelu.native_forward(x.double())
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        gelu.native_backward(x.detach().bfloat16(), x.detach())
 
 
 def test_compiled_feed_forward_keeps_torch_s_gelu_for_inductor():

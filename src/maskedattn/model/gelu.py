@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._cbuild import load_for_cpu, requested_instruction_set
 
-__all__ = ["MIN_NATIVE", "gelu", "native_status", "serves"]
+__all__ = ["MIN_NATIVE", "gelu", "native_backward", "native_forward", "native_status", "serves"]
 
 #: Fewer elements than this (a decoding step's few rows) stay with ``F.gelu``: there the
 #: operator's fixed cost exceeds what the kernel saves.
@@ -91,7 +91,31 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _check(approximate: str, *tensors: Tensor) -> None:
+def native_forward(x: Tensor, approximate: str = "none") -> Tensor:
+    """The kernel's GELU itself, no autograd: CPU float32 or bfloat16, any size or strides.
+
+    Raises ``RuntimeError`` if the kernel is not available (see :func:`native_status`).
+    """
+    lib = _native(approximate, x)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.gelu_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype],
+                     _FORMS[approximate], torch.get_num_threads())
+    return y
+
+
+def native_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
+    """The kernel's ``grad * gelu'(x)`` itself, as :func:`native_forward`."""
+    lib = _native(approximate, grad, x)
+    grad, x = grad.contiguous(), x.contiguous()
+    dx = torch.empty_like(x)
+    lib.gelu_backward(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(),
+                      _DTYPES[x.dtype], _FORMS[approximate], torch.get_num_threads())
+    return dx
+
+
+def _native(approximate: str, *tensors: Tensor) -> ctypes.CDLL:
+    """The library, after checking the arguments of a call to it."""
     x = tensors[-1]
     if approximate not in _FORMS:
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -100,19 +124,18 @@ def _check(approximate: str, *tensors: Tensor) -> None:
             got = [(t.dtype, tuple(t.shape)) for t in tensors]
             raise ValueError("maskedattn::gelu takes CPU float32 or bfloat16 tensors of one"
                              f" shape and dtype, got {got}")
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native GELU kernel is not available: {native_status()}")
+    return lib
 
 
 @torch.library.custom_op("maskedattn::gelu", mutates_args=(), device_types="cpu")
 def _gelu(x: Tensor, approximate: str) -> Tensor:
-    _check(approximate, x)
-    lib = _library()
-    if lib is None:
+    if _library() is None or (x.dtype is torch.bfloat16 and approximate == "none"):
+        # torch's exact bfloat16 forward is the one pass faster than the kernel (BENCHMARKS.md)
         return F.gelu(x, approximate=approximate)
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    lib.gelu_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype],
-                     _FORMS[approximate], torch.get_num_threads())
-    return y
+    return native_forward(x, approximate)
 
 
 @_gelu.register_fake
@@ -122,15 +145,9 @@ def _(x: Tensor, approximate: str) -> Tensor:
 
 @torch.library.custom_op("maskedattn::gelu_backward", mutates_args=(), device_types="cpu")
 def _gelu_backward(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
-    _check(approximate, grad, x)
-    lib = _library()
-    if lib is None:
+    if _library() is None:
         return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
-    grad, x = grad.contiguous(), x.contiguous()
-    dx = torch.empty_like(x)
-    lib.gelu_backward(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(),
-                      _DTYPES[x.dtype], _FORMS[approximate], torch.get_num_threads())
-    return dx
+    return native_backward(grad, x, approximate)
 
 
 @_gelu_backward.register_fake
