@@ -15,7 +15,7 @@ import pytest
 
 from maskedattn import _cbuild
 from maskedattn.attention import native
-from maskedattn.model import gemv
+from maskedattn.model import gelu, gemv
 
 pytestmark = pytest.mark.skipif(_cbuild._compiler()[0] is None, reason="no C compiler here")
 
@@ -124,30 +124,31 @@ def test_without_a_compiler_a_verified_build_is_used(cache, source, tmp_path, mo
 @pytest.fixture
 def fresh_kernels():
     """No native kernel loaded in this process before or after the test."""
-    native._load.cache_clear()
-    gemv._library.cache_clear()
+    for library in (native._load, gemv._library, gelu._library):
+        library.cache_clear()
     yield
-    native._load.cache_clear()
-    gemv._library.cache_clear()
+    for library in (native._load, gemv._library, gelu._library):
+        library.cache_clear()
 
 
-def test_both_kernels_share_the_loader_and_work_without_a_compiler(
+def test_the_kernels_share_the_loader_and_work_without_a_compiler(
         cache, tmp_path, monkeypatch, fresh_kernels) -> None:
     if not {"avx2", "fma", "f16c"} <= _cbuild.cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    monkeypatch.setenv("MASKEDATTN_NATIVE", "avx2")  # the smallest build, for either kernel
+    monkeypatch.setenv("MASKEDATTN_NATIVE", "avx2")  # the smallest build, for every kernel
     kernel = native.kernel()
     assert kernel is not None and kernel.variant.name == "avx2"
     assert "gemv_avx2_" in gemv.native_status()
+    assert "gelu_avx2_" in gelu.native_status()
     built = _libraries(cache)
-    assert len(built) == 2
+    assert len(built) == 3
     for path in built:
         _assert_verified(path)
     _no_compiler(tmp_path, monkeypatch)
-    native._load.cache_clear()
-    gemv._library.cache_clear()
+    for library in (native._load, gemv._library, gelu._library):
+        library.cache_clear()
     assert native.kernel().path == kernel.path
-    assert gemv._library() is not None
+    assert gemv._library() is not None and gelu._library() is not None
     assert _libraries(cache) == built
 
 
@@ -157,13 +158,14 @@ def test_native_setting_auto(value, monkeypatch) -> None:
     assert _cbuild.requested_instruction_set() == "auto"
 
 
-def test_native_setting_is_read_once_for_both_kernels(monkeypatch, fresh_kernels) -> None:
+def test_native_setting_is_read_once_for_every_kernel(monkeypatch, fresh_kernels) -> None:
     monkeypatch.setenv("MASKEDATTN_NATIVE", "0")
     assert native.kernel() is None
-    assert gemv._library() is None
-    assert gemv.native_status() == "disabled by MASKEDATTN_NATIVE=0"
+    assert gemv._library() is None and gelu._library() is None
+    assert gemv.native_status() == gelu.native_status() == "disabled by MASKEDATTN_NATIVE=0"
     monkeypatch.setenv("MASKEDATTN_NATIVE", "sse2")
     gemv._library.cache_clear()
-    for load in (native.kernel, gemv._library):
+    gelu._library.cache_clear()
+    for load in (native.kernel, gemv._library, gelu._library):
         with pytest.raises(ValueError, match=r"MASKEDATTN_NATIVE must be .*'sse2'"):
             load()

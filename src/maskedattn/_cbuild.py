@@ -152,17 +152,30 @@ def load(source: Path, flags: list[str], name: str, symbols: Mapping[str, Signat
     return lib
 
 
-def load_for_cpu(source: Path, flags: list[str], name: str, symbols: Mapping[str, Signature],
-                 wanted: str) -> ctypes.CDLL:
-    """:func:`load` of ``source`` for the instruction set ``wanted`` (see
+def native_library(source: Path, flags: list[str], name: str,
+                   symbols: Mapping[str, Signature], fallback: str
+                   ) -> tuple[ctypes.CDLL | None, str]:
+    """(the library of ``source``, "native kernel PATH"), or (None, why not) when
+    ``MASKEDATTN_NATIVE=0`` or no library can be had; ``fallback`` names what runs instead.
+
+    The instruction set is the one ``MASKEDATTN_NATIVE`` asks for (see
     :func:`requested_instruction_set`): "auto" is this CPU's own (``-march=native``, with the
     CPU's flags in the cache key, so that such code never meets another CPU), a name that
-    set's variant. Raises ``RuntimeError`` saying why when there is no usable library."""
-    if wanted == "auto":
-        return load(source, [*flags, "-march=native"], name, symbols,
-                    key_extra=" ".join(sorted(cpu_flags())))
-    target = choose_instruction_set(wanted)
-    return load(source, [*flags, *target.cc_flags], f"{name}_{target.name}", symbols)
+    set's variant.
+    """
+    wanted = requested_instruction_set()
+    if wanted is None:
+        return None, "disabled by MASKEDATTN_NATIVE=0"
+    try:
+        if wanted == "auto":
+            lib = load(source, [*flags, "-march=native"], name, symbols,
+                       key_extra=" ".join(sorted(cpu_flags())))
+        else:
+            target = choose_instruction_set(wanted)
+            lib = load(source, [*flags, *target.cc_flags], f"{name}_{target.name}", symbols)
+    except (OSError, RuntimeError) as err:
+        return None, f"unavailable, using {fallback}: {err}"
+    return lib, f"native kernel {lib._name}"
 
 
 def _open(path: Path, symbols: Mapping[str, Signature]) -> tuple[ctypes.CDLL | None, str]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cbuild import load_for_cpu, requested_instruction_set
+from .._cbuild import native_library
 
 __all__ = ["MIN_NATIVE", "gelu", "native_backward", "native_forward", "native_status", "serves"]
 
@@ -78,16 +78,7 @@ _SYMBOLS = {"gelu_forward": ([_P, _P, _I64, _INT, _INT, _INT], None),
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    wanted = requested_instruction_set()
-    if wanted is None:
-        _status[0] = "disabled by MASKEDATTN_NATIVE=0"
-        return None
-    try:
-        lib = load_for_cpu(_SOURCE, _FLAGS, "gelu", _SYMBOLS, wanted)
-    except (OSError, RuntimeError) as err:
-        _status[0] = f"unavailable, using torch.nn.functional.gelu: {err}"
-        return None
-    _status[0] = f"native kernel {lib._name}"
+    lib, _status[0] = native_library(_SOURCE, _FLAGS, "gelu", _SYMBOLS, "torch.nn.functional.gelu")
     return lib
 
 

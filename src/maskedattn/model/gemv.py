@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cbuild import load_for_cpu, requested_instruction_set
+from .._cbuild import native_library
 
 __all__ = ["MAX_ROWS", "linear", "native_linear", "native_status"]
 
@@ -134,14 +134,6 @@ _SYMBOLS = {"gemv_f32": _SIGNATURE, "gemv_bf16": (_SIGNATURE[0], _INT)}
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    wanted = requested_instruction_set()
-    if wanted is None:
-        _status[0] = "disabled by MASKEDATTN_NATIVE=0"
-        return None
-    try:
-        lib = load_for_cpu(_SOURCE, _FLAGS, "gemv", _SYMBOLS, wanted)
-    except (OSError, RuntimeError) as err:
-        _status[0] = f"unavailable, using torch.nn.functional.linear: {err}"
-        return None
-    _status[0] = f"native kernel {lib._name}"
+    lib, _status[0] = native_library(_SOURCE, _FLAGS, "gemv", _SYMBOLS,
+                                     "torch.nn.functional.linear")
     return lib
