@@ -120,6 +120,8 @@ def test_the_operators_pass_opcheck():
     with pytest.raises(ValueError, match="approximate"):
         torch.ops.maskedattn.gelu(x, "sigmoid")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
+        torch.ops.maskedattn.gelu(x.double(), "tanh")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         gelu.native_forward(x.double())
     with pytest.raises(ValueError, match="one shape and dtype"):
         gelu.native_backward(x.detach().bfloat16(), x.detach())
@@ -133,3 +135,30 @@ def test_compiled_feed_forward_keeps_torch_s_gelu_for_inductor():
     ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
     assert not any("maskedattn.gelu" in op for op in ops), ops
     torch.testing.assert_close(torch.compile(mlp)(x), mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_each_pass_takes_the_faster_implementation(monkeypatch):
+    x = torch.randn(2, gelu.MIN_NATIVE)
+    for setting, exact in (("auto", None), ("avx2", False)):
+        monkeypatch.setenv("MASKEDATTN_NATIVE", setting)
+        gelu._library.cache_clear()
+        if gelu._library() is None:
+            continue
+        wide = gelu._library().gelu_lanes() >= 16
+        assert gelu.serves(x, "tanh") and gelu.serves(x.bfloat16(), "tanh")
+        # the exact form: the kernel's with AVX-512 (its bfloat16 forward excepted), torch's
+        # with AVX2
+        assert gelu._native_passes(torch.float32, "none") == (wide, wide)
+        assert gelu._native_passes(torch.bfloat16, "none") == (False, wide)
+        assert gelu.serves(x, "none") is wide
+        if exact is not None:
+            assert wide is exact
+        torch.testing.assert_close(torch.ops.maskedattn.gelu(x, "none"), F.gelu(x))
+    monkeypatch.setenv("MASKEDATTN_NATIVE", "0")
+    gelu._library.cache_clear()
+    assert not gelu.serves(x, "tanh")
+    assert gelu.native_status() == "disabled by MASKEDATTN_NATIVE=0"
+    torch.testing.assert_close(torch.ops.maskedattn.gelu(x, "tanh"),
+                               F.gelu(x, approximate="tanh"))
+    monkeypatch.undo()
+    gelu._library.cache_clear()

@@ -60,8 +60,21 @@ def serves(x: Tensor, approximate: str = "none") -> bool:
         and x.is_contiguous()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
-        and _library() is not None
+        and any(_native_passes(x.dtype, approximate))
     )
+
+
+def _native_passes(dtype: torch.dtype, approximate: str) -> tuple[bool, bool]:
+    """Whether the kernel is the faster (forward, backward) for this dtype and form, as
+    measured (BENCHMARKS.md): the tanh form always; the exact form with AVX-512 only, and
+    its bfloat16 forward never (torch's is the faster there)."""
+    lib = _library()
+    if lib is None:
+        return False, False
+    if approximate == "tanh":
+        return True, True
+    wide = lib.gelu_lanes() >= 16
+    return wide and dtype is torch.float32, wide
 
 
 def native_status() -> str:
@@ -73,7 +86,8 @@ def native_status() -> str:
 _status = ["not loaded yet"]
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SYMBOLS = {"gelu_forward": ([_P, _P, _I64, _INT, _INT, _INT], None),
-            "gelu_backward": ([_P, _P, _P, _I64, _INT, _INT, _INT], None)}
+            "gelu_backward": ([_P, _P, _P, _I64, _INT, _INT, _INT], None),
+            "gelu_lanes": ([], _INT)}
 
 
 @cache
@@ -107,6 +121,14 @@ def native_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tenso
 
 def _native(approximate: str, *tensors: Tensor) -> ctypes.CDLL:
     """The library, after checking the arguments of a call to it."""
+    _check(approximate, *tensors)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native GELU kernel is not available: {native_status()}")
+    return lib
+
+
+def _check(approximate: str, *tensors: Tensor) -> None:
     x = tensors[-1]
     if approximate not in _FORMS:
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -115,16 +137,12 @@ def _native(approximate: str, *tensors: Tensor) -> ctypes.CDLL:
             got = [(t.dtype, tuple(t.shape)) for t in tensors]
             raise ValueError("maskedattn::gelu takes CPU float32 or bfloat16 tensors of one"
                              f" shape and dtype, got {got}")
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"the native GELU kernel is not available: {native_status()}")
-    return lib
 
 
 @torch.library.custom_op("maskedattn::gelu", mutates_args=(), device_types="cpu")
 def _gelu(x: Tensor, approximate: str) -> Tensor:
-    if _library() is None or (x.dtype is torch.bfloat16 and approximate == "none"):
-        # torch's exact bfloat16 forward is the one pass faster than the kernel (BENCHMARKS.md)
+    _check(approximate, x)
+    if not _native_passes(x.dtype, approximate)[0]:
         return F.gelu(x, approximate=approximate)
     return native_forward(x, approximate)
 
@@ -136,7 +154,8 @@ def _(x: Tensor, approximate: str) -> Tensor:
 
 @torch.library.custom_op("maskedattn::gelu_backward", mutates_args=(), device_types="cpu")
 def _gelu_backward(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
-    if _library() is None:
+    _check(approximate, grad, x)
+    if not _native_passes(x.dtype, approximate)[1]:
         return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
     return native_backward(grad, x, approximate)
 
