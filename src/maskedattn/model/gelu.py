@@ -4,7 +4,8 @@ torch's CPU GELU evaluates tanh, or erf and (in the backward) a second exponenti
 general-purpose vector functions: on the machines this project is measured on, the tanh form
 costs five times the exact one, and a GPT-2 block's GELU a few percent of a training step.
 ``csrc/gelu.c`` derives each form and its gradient from one exponential (numbers in
-BENCHMARKS.md). :func:`gelu` uses it where it applies (see :func:`serves`) and
+BENCHMARKS.md). :func:`gelu` uses it where it applies and is the faster (see :func:`serves`:
+the tanh form everywhere, the exact form where the kernel is built with AVX-512) and
 ``F.gelu``, its readable twin and test oracle, everywhere else. Results agree with ``F.gelu``
 to float32 rounding (relative error ~1e-7, as torch's own against float64); bfloat16 is
 computed in float32 and rounded once, as torch does.
@@ -49,8 +50,10 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def serves(x: Tensor, approximate: str = "none") -> bool:
-    """True if :func:`gelu` runs ``x`` through the native kernel: eager, a plain contiguous CPU
-    tensor of float32 or bfloat16 with at least :data:`MIN_NATIVE` elements."""
+    """True if :func:`gelu` runs ``x`` through the native operators: eager, a plain contiguous
+    CPU tensor of float32 or bfloat16 with at least :data:`MIN_NATIVE` elements, and a form for
+    which the kernel is the faster in at least one pass (the operators hand the other to
+    torch)."""
     return (
         x.numel() >= MIN_NATIVE  # first: it turns away every decoding call
         and type(x) is Tensor  # a subclass (DTensor, a tensor-parallel shard) keeps its own rules
