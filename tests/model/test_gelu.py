@@ -162,3 +162,24 @@ def test_each_pass_takes_the_faster_implementation(monkeypatch):
                                F.gelu(x, approximate="tanh"))
     monkeypatch.undo()
     gelu._library.cache_clear()
+
+
+@native
+def test_export_vmap_func_grad_and_inference_mode_see_torch_s_gelu_or_agree_with_it():
+    x = torch.randn(3, gelu.MIN_NATIVE + 1)
+    want = F.gelu(x, approximate="tanh")
+
+    class Module(torch.nn.Module):
+        def forward(self, t):
+            return gelu.gelu(t, "tanh")
+
+    program = torch.export.export(Module(), (x,))
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert ops == ["aten.gelu.default"]
+    torch.testing.assert_close(program.module()(x), want)
+    torch.testing.assert_close(torch.vmap(Module())(x[:, None]), want[:, None])
+    grad = torch.func.grad(lambda t: gelu.gelu(t, "tanh").sum())(x)
+    want_grad = torch.func.grad(lambda t: F.gelu(t, approximate="tanh").sum())(x)
+    torch.testing.assert_close(grad, want_grad)
+    with torch.inference_mode():
+        torch.testing.assert_close(gelu.gelu(x, "tanh"), want)
