@@ -1,11 +1,11 @@
 """GELU on the CPU: the native kernel of :mod:`maskedattn.model.gelu` against torch's own.
 
 For each dtype and form (exact erf, GPT-2's tanh) it times the forward (``F.gelu`` against
-``torch.ops.maskedattn.gelu``) and the backward (``aten.gelu_backward`` against
-``torch.ops.maskedattn.gelu_backward``), the two alternately, after warm-up; the table shows
-medians and the speed-up (torch's time / ours: above 1.0, ours is faster). The operator's
-exact bfloat16 forward is torch's own (the one pass where torch's kernel is the faster): its
-row compares the two kernels themselves.
+:func:`~maskedattn.model.gelu.native_forward`) and the backward (``aten.gelu_backward`` against
+:func:`~maskedattn.model.gelu.native_backward`), the two alternately, after warm-up; the table
+shows medians and the speed-up (torch's time / ours: above 1.0, ours is faster). Each row
+compares the two kernels themselves, also where the operators hand a pass to torch's (the
+passes where torch's is the faster).
 
     python benchmarks/gelu_cpu.py                          # the MLP of the training benchmark
     python benchmarks/gelu_cpu.py --rows 1024 --width 3072  # GPT-2 small's, 1024 tokens
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ours": partial(gelu.native_forward, x, form)},
                 "backward": {
                     "torch": partial(torch.ops.aten.gelu_backward, grad, x, approximate=form),
-                    "ours": partial(torch.ops.maskedattn.gelu_backward, grad, x, form)},
+                    "ours": partial(gelu.native_backward, grad, x, form)},
             }
             for name, fns in passes.items():
                 ms = _median_ms(fns, args.repeats, args.warmup)

@@ -180,17 +180,16 @@ INLINE vf derivative(vf x, int tanh_form) {
     return vfma(x, pdf, cdf);
 }
 
-/* Elements [lo, hi) of y = gelu(x), or (backward) of dx = dy * gelu'(x). Called with constant
- * dtype, form and direction, so each variant compiles to its own straight loop. */
-INLINE vf one(const void *dy, const void *x, int64_t i,
-                                                    int dtype, int tanh_form, int backward) {
+/* One vector at element i of y = gelu(x), or (backward) of dx = dy * gelu'(x). */
+INLINE vf one(const void *dy, const void *x, int64_t i, int dtype, int tanh_form, int backward) {
     vf v = load(x, i, dtype);
     return backward ? vmul(load(dy, i, dtype), derivative(v, tanh_form)) : forward(v, tanh_form);
 }
 
-INLINE void run(
-    const void *dy, const void *x, void *out, int64_t lo, int64_t hi, int dtype, int tanh_form,
-    int backward) {
+/* Elements [lo, hi). Called with constant dtype, form and direction, so each variant compiles
+ * to its own straight loop. */
+INLINE void run(const void *dy, const void *x, void *out, int64_t lo, int64_t hi, int dtype,
+                int tanh_form, int backward) {
     int64_t i = lo;
     for (; i + VW <= hi; i += VW) store(out, i, one(dy, x, i, dtype, tanh_form, backward), dtype);
     if (i == hi) return;
