@@ -118,6 +118,11 @@ def competitor(config: GPTConfig, nanogpt: str | None) -> tuple[str, nn.Module, 
     return "nanoGPT", model, lambda m, x, y: m(x, y)[1]
 
 
+def _ours(config: GPTConfig) -> tuple[str, nn.Module, Loss]:
+    """Our GPT, as :func:`competitor` gives theirs."""
+    return "maskedattn", GPT(config), lambda m, x, y: m(x, y).loss
+
+
 def _step_fn(model: nn.Module, loss_of: Loss, dtype: torch.dtype,
              optimizer: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
     kind = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
@@ -158,8 +163,7 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
     """
     torch.manual_seed(0)
     name, plain, plain_loss = competitor(config, nanogpt)
-    ours = GPT(config)
-    ours_loss: Loss = lambda m, x, y: m(x, y).loss  # noqa: E731
+    _, ours, ours_loss = _ours(config)
     x = torch.randint(0, config.vocab_size, (batch, config.context))
     y = torch.randint(0, config.vocab_size, (batch, config.context))
     breaks: dict[str, tuple[int, int]] = {}
@@ -190,10 +194,12 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
 
 def measure_apart(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, warmup: int,
                   rounds: int, *, nanogpt: str | None = None, optimizer: str = "default",
-                  clock: str = "wall", threads: int | None = None) -> dict[str, float]:
+                  clock: Callable[[], float] = time.perf_counter, threads: int | None = None
+                  ) -> dict[str, float]:
     """Median seconds per training step of each model, each timed in fresh processes of its
     own: ``rounds`` rounds, each one process for ours and then one for the competitor's, each
-    process ``warmup`` untimed and ``repeats`` timed steps. ``clock``: "wall" or "cpu"."""
+    process ``warmup`` untimed and ``repeats`` timed steps. ``clock`` as for :func:`measure`
+    (a module-level function, which the processes receive by name)."""
     times: dict[str, list[float]] = {}
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fresh heap
     with context.Pool(1, maxtasksperchild=1) as pool:  # one process per task
@@ -206,27 +212,23 @@ def measure_apart(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: in
 
 
 def _time_alone(ours: bool, config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int,
-                warmup: int, nanogpt: str | None, optimizer: str, clock: str,
+                warmup: int, nanogpt: str | None, optimizer: str, clock: Callable[[], float],
                 threads: int | None) -> tuple[str, list[float]]:
     """(name, seconds of each timed step) of one model, the only one in this process."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if ours:
-        name, model, loss = "maskedattn", GPT(config), lambda m, x, y: m(x, y).loss
-    else:
-        name, model, loss = competitor(config, nanogpt)
+    name, model, loss = _ours(config) if ours else competitor(config, nanogpt)
     x = torch.randint(0, config.vocab_size, (batch, config.context))
     y = torch.randint(0, config.vocab_size, (batch, config.context))
     step = _step_fn(model, loss, dtype, optimizer)
     for _ in range(warmup):
         step(x, y)
-    now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     for _ in range(repeats):
-        t0 = now()
+        t0 = clock()
         step(x, y)
-        times.append(now() - t0)
+        times.append(clock() - t0)
     return name, times
 
 
@@ -269,19 +271,18 @@ def main(argv: list[str] | None = None) -> int:
                               n_embd=args.n_embd, context=args.context, vocab_size=args.vocab,
                               mlp="gelu_exact" if args.gelu == "exact" else "gelu")
     dtype = getattr(torch, args.dtype)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.processes and args.compile:
         p.error("--processes times eager steps only; leave out --compile")
     if args.processes:
         breaks: dict[str, tuple[int, int]] = {}
         result = measure_apart(config, args.batch, dtype, args.repeats, args.warmup,
                                args.processes, nanogpt=args.nanogpt, optimizer=args.optimizer,
-                               clock=args.clock, threads=args.threads)
+                               clock=clock, threads=args.threads)
     else:
         result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
                                  nanogpt=args.nanogpt, compile=args.compile,
-                                 optimizer=args.optimizer,
-                                 clock=time.process_time if args.clock == "cpu"
-                                 else time.perf_counter)
+                                 optimizer=args.optimizer, clock=clock)
     tokens = args.batch * args.context
     params = GPT(config).num_params()
     print(f"training step, {params / 1e6:.1f}M parameters, batch {args.batch} x {args.context}"
