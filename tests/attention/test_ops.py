@@ -58,6 +58,52 @@ def test_opcheck_triton(name):
                            *args), test_utils=("test_schema", "test_faketensor"))
 
 
+def _projection_views(b=2, t=13, h=3, d=8, dtype=torch.float32):
+    """q, k, v as a model makes them: (B, H, T, D) views of one (B, T, 3C) projection."""
+    qkv = torch.randn(b, t, 3 * h * d, dtype=dtype, requires_grad=True)
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=-1))
+    return qkv, q, k, v
+
+
+@pytest.mark.parametrize("backend", ["tiled", "twin",
+                                     pytest.param("triton", marks=pytest.mark.skipif(
+                                         not HAS_TRITON, reason="triton is not installed"))])
+def test_outputs_keep_the_projection_layout(backend, monkeypatch):
+    # Stored as (B, T, H, D), the output's reshape back to (B, T, C) is a view and the
+    # gradients reach the projection without a copy each; the fakes report the same strides.
+    if backend == "twin":
+        monkeypatch.setenv("MASKEDATTN_NATIVE", "0")
+    op = "triton" if backend == "triton" else "tiled"
+    fwd, bwd = getattr(torch.ops.maskedattn, f"{op}_fwd"), getattr(torch.ops.maskedattn, f"{op}_bwd")
+    qkv, q, k, v = _projection_views()
+    args = op_args(lower_call(q, k, v, mask=ma.Causal()))
+    out, lse = fwd(q, k, v, *args)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = bwd(torch.randn_like(out), None, q, k, v, out, lse, *args)
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (q, k, v, out, lse)]
+        fake_out, _ = fwd(*fakes[:3], *args)
+        fake_grads = bwd(fakes[3], None, *fakes, *args)
+    assert fake_out.stride() == out.stride()
+    assert [g.stride() for g in fake_grads] == [g.stride() for g in grads]
+    ref = ma.attention(q, k, v, mask=ma.Causal(), backend="reference")
+    assert relative_error(out, ref) < 1e-5
+    # contiguous inputs keep contiguous outputs
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    assert fwd(qc, kc, vc, *args)[0].is_contiguous()
+
+
+def test_opcheck_on_projection_views():
+    _, q, k, v = _projection_views(t=7)
+    args = op_args(lower_call(q, k, v, mask=ma.Causal()))
+    torch.library.opcheck(torch.ops.maskedattn.tiled_fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.maskedattn.tiled_fwd(q, k, v, *args)
+    torch.library.opcheck(torch.ops.maskedattn.tiled_bwd.default,
+                          (torch.randn_like(out), None,
+                           *(t.detach() for t in (q, k, v, out, lse)), *args))
+
+
 def test_double_backward_is_a_clear_error():
     q, k, v, _, kwargs = _inputs("causal")
     out = ma.attention(q, k, v, backend="tiled", **kwargs)

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import AttentionCall
-from .lowering import OP_FIELDS
+from .lowering import OP_FIELDS, empty_like_heads
 from .masks import Alibi, _pair_ids
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * LOG2E)
@@ -827,7 +827,7 @@ def _use_decode(q: Tensor, k: Tensor) -> bool:
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: dict) -> tuple[Tensor, Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = empty_like_heads(q)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     if _use_decode(q, k):
         _decode(q, k, v, o, lse, mask)
@@ -880,9 +880,7 @@ def _backward(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     _delta_kernel[(triton.cdiv(tq, 64), b * hq)](
         o, do, dlse, delta, *o.stride(), *do.stride(), hq, tq, HAS_DLSE=dlse is not None,
         **head, BLOCK_M=64)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = empty_like_heads(q), empty_like_heads(k), empty_like_heads(v)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _launch("dkdv", lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hkv),
             q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),

@@ -29,7 +29,8 @@ from torch import Tensor
 from .backend import AttentionCall
 from .masks import Alibi, Mask, MaskRule, as_rule
 
-__all__ = ["OP_FIELDS", "OpArgs", "call_from_op_args", "lower_call", "op_args", "op_schema"]
+__all__ = ["OP_FIELDS", "OpArgs", "call_from_op_args", "empty_like_heads", "lower_call", "op_args",
+           "op_schema"]
 
 
 class OpArgs(NamedTuple):
@@ -59,6 +60,21 @@ def op_schema(tensors: str, returns: str) -> str:
     """An operator schema: ``tensors`` (e.g. ``"Tensor q, Tensor k"``), then every field."""
     fields = ", ".join(f"{kind} {name}" for name, kind in OP_FIELDS)
     return f"({tensors}, {fields}) -> {returns}"
+
+
+def empty_like_heads(t: Tensor) -> Tensor:
+    """An empty tensor of ``t``'s (B, H, T, D) shape, dtype and device, stored in ``t``'s order
+    of heads and positions: the layout of every operator's outputs (out, dq, dk, dv).
+
+    A model's q, k and v are (B, T, H, D) views of one projection, heads inner to positions; so
+    stored, the output's reshape back to (B, T, C) is a view, and the gradients reach the
+    projection's backward without a copy each (as SDPA's outputs do). Other inputs get
+    contiguous outputs. The fakes allocate through this too, so traced strides match.
+    """
+    b, h, n, d = t.shape
+    if h > 1 and n > 1 and t.stride(1) < t.stride(2):
+        return t.new_empty((b, n, h, d)).transpose(1, 2)
+    return t.new_empty((b, h, n, d))
 
 
 def op_args(call: AttentionCall) -> OpArgs:

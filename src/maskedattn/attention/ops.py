@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from .backend import AttentionCall
-from .lowering import OP_FIELDS, OpArgs, call_from_op_args, op_schema
+from .lowering import OP_FIELDS, OpArgs, call_from_op_args, empty_like_heads, op_schema
 
 __all__ = ["FORWARD_OPS", "flash_backward", "flash_forward"]
 
@@ -98,12 +98,11 @@ def _triton_backward(d_out, d_lse, q, k, v, out, lse, *mask) -> tuple[Tensor, Te
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, *mask) -> tuple[Tensor, Tensor]:
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return empty_like_heads(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _fake_backward(d_out, d_lse, q, k, v, out, lse, *mask) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return tuple(empty_like_heads(t) for t in (q, k, v))
 
 
 # -- registration -------------------------------------------------------------------------------

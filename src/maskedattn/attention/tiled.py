@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import native, ops, sdpa
 from .backend import AttentionCall
-from .lowering import OP_FIELDS, op_args
+from .lowering import OP_FIELDS, empty_like_heads, op_args
 from .masks import Alibi, TileKind, bias_block
 
 __all__ = ["backward_torch", "forward_torch", "run", "why_not"]
@@ -150,7 +150,7 @@ def forward_torch(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
         seen = l != 0
         out[..., q0:q1, :] = acc / torch.where(seen, l, 1.0)[..., None]
         lse[..., q0:q1] = torch.where(seen, m + torch.log(l), -math.inf)
-    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
+    return empty_like_heads(q).copy_(out.flatten(1, 2)), lse.flatten(1, 2)
 
 
 def backward_torch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
@@ -193,7 +193,7 @@ def backward_torch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_
             dv[:, :, k0:k1] += (p.transpose(-1, -2) @ do_t).sum(2)
             dk[:, :, k0:k1] += (ds.transpose(-1, -2) @ q_t).sum(2)
             dq[..., q0:q1, :] += ds @ kg[..., k0:k1, :]
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(empty_like_heads(t).copy_(g) for t, g in ((q, dq.flatten(1, 2)), (k, dk), (v, dv)))
 
 
 # -- the native kernel: its arguments ---------------------------------------------------------
@@ -283,7 +283,7 @@ def forward_native(kernel: native.Kernel, q: Tensor, k: Tensor, v: Tensor, call:
     keep: list[Tensor] = []
     a = _args(call, _blocks_for(call, blocks, backward=False), keep)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = empty_like_heads(q)
     lse = torch.empty(q.shape[:-1])
     a.q, a.k, a.v, a.out = _view(q), _view(k), _view(v), _view(out)
     a.lse = lse.data_ptr()
@@ -299,7 +299,7 @@ def backward_native(kernel: native.Kernel, q: Tensor, k: Tensor, v: Tensor, out:
     a = _args(call, _blocks_for(call, blocks, backward=True), keep)
     q, k, v, out = (_rows_contiguous(t) for t in (q, k, v, out))
     d_out = _rows_contiguous(d_out.to(q.dtype))
-    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    grads = [empty_like_heads(t) for t in (q, k, v)]
     a.q, a.k, a.v, a.out, a.d_out = (_view(t) for t in (q, k, v, out, d_out))
     a.dq, a.dk, a.dv = (_view(t) for t in grads)
     lse = lse.contiguous()
