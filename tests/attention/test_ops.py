@@ -61,8 +61,7 @@ def test_opcheck_triton(name):
 def _projection_views(b=2, t=13, h=3, d=8, dtype=torch.float32):
     """q, k, v as a model makes them: (B, H, T, D) views of one (B, T, 3C) projection."""
     qkv = torch.randn(b, t, 3 * h * d, dtype=dtype, requires_grad=True)
-    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=-1))
-    return qkv, q, k, v
+    return tuple(x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=-1))
 
 
 @pytest.mark.parametrize("backend", ["tiled", "twin",
@@ -74,8 +73,9 @@ def test_outputs_keep_the_projection_layout(backend, monkeypatch):
     if backend == "twin":
         monkeypatch.setenv("MASKEDATTN_NATIVE", "0")
     op = "triton" if backend == "triton" else "tiled"
-    fwd, bwd = getattr(torch.ops.maskedattn, f"{op}_fwd"), getattr(torch.ops.maskedattn, f"{op}_bwd")
-    qkv, q, k, v = _projection_views()
+    fwd = getattr(torch.ops.maskedattn, f"{op}_fwd")
+    bwd = getattr(torch.ops.maskedattn, f"{op}_bwd")
+    q, k, v = _projection_views()
     args = op_args(lower_call(q, k, v, mask=ma.Causal()))
     out, lse = fwd(q, k, v, *args)
     assert out.transpose(1, 2).is_contiguous()
@@ -95,7 +95,7 @@ def test_outputs_keep_the_projection_layout(backend, monkeypatch):
 
 
 def test_opcheck_on_projection_views():
-    _, q, k, v = _projection_views(t=7)
+    q, k, v = _projection_views(t=7)
     args = op_args(lower_call(q, k, v, mask=ma.Causal()))
     torch.library.opcheck(torch.ops.maskedattn.tiled_fwd.default, (q, k, v, *args))
     out, lse = torch.ops.maskedattn.tiled_fwd(q, k, v, *args)

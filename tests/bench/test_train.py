@@ -1,5 +1,9 @@
 """The training benchmark runs end to end (a small model; timings are not checked)."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from maskedattn.cli.main import main
@@ -40,3 +44,44 @@ def test_each_model_in_processes_of_its_own(capsys, monkeypatch):
 def test_processes_with_compile_is_refused():
     with pytest.raises(SystemExit):
         main(["bench", "train", *SMALL, "--processes", "1", "--compile"])
+
+
+def test_each_process_keeps_its_heap_when_asked(capsys, monkeypatch):
+    monkeypatch.delenv("MASKEDATTN_NANOGPT", raising=False)
+    assert main(["bench", "train", *SMALL, "--processes", "1", "--heap", "keep"]) == 0
+    assert "keep heap" in capsys.readouterr().out
+
+
+_REUSE = """
+import ctypes, resource, sys
+from maskedattn.bench.train import keep_heap
+if sys.argv[1] == "keep":
+    keep_heap()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(20 << 20) for _ in range(2)]
+    for b in blocks:
+        ctypes.memset(b, 1, 20 << 20)
+    for b in blocks:
+        libc.free(b)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_a_kept_heap_reuses_freed_memory_without_faults():
+    # Two 20 MiB blocks freed: glibc hands them back (the next use faults every page in
+    # again) unless told to keep them.
+    def last_faults(heap: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _REUSE, heap], capture_output=True,
+                             text=True, check=True)
+        return int(run.stdout)
+
+    assert last_faults("system") > 5000
+    assert last_faults("keep") < 100

@@ -15,12 +15,15 @@ same heap: each step runs on the memory the other's step left, and glibc's choic
 freed memory to return to the system (every page taken back is a page fault, and a zeroed
 page, when it is used again) then depends on the pair. ``--processes N`` times each model in a
 fresh process of its own instead, N rounds interleaved (ours, theirs, ours, ...): one model per
-process, as training runs. BENCHMARKS.md records both.
+process, as training runs. ``--heap keep`` takes the heap out of either protocol: glibc is
+told to keep what is freed (:func:`keep_heap`), so after warm-up no step faults in memory that
+an earlier step gave back, and the times compare the steps' work. BENCHMARKS.md records all.
 
     python benchmarks/train_cpu.py --nanogpt /tmp/nanoGPT/model.py
     python benchmarks/train_cpu.py --dtype bfloat16      # under bfloat16 autocast
     python benchmarks/train_cpu.py --compile             # torch.compile of both models
     python benchmarks/train_cpu.py --processes 3         # each model in its own processes
+    python benchmarks/train_cpu.py --heap keep           # no memory handed back to the system
 
 With ``--compile`` both models go through ``torch.compile`` and the table adds our eager step
 as a third contestant; the number of graphs and graph breaks of each compiled forward
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import io
 import multiprocessing
@@ -118,6 +122,24 @@ def competitor(config: GPTConfig, nanogpt: str | None) -> tuple[str, nn.Module, 
     return "nanoGPT", model, lambda m, x, y: m(x, y)[1]
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_heap() -> None:
+    """Have glibc keep freed memory for reuse instead of returning it to the system: no
+    trimming of the heap's top, blocks up to 32 MiB (glibc's largest threshold) from the heap
+    rather than from mmap, and the heap grown 64 MiB at a time. This process only, until it
+    ends. Raises SystemExit where the C library is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        raise SystemExit("--heap keep needs glibc's mallopt; this C library has none")
+    settings = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_THRESHOLD, 32 << 20),
+                (_M_TOP_PAD, 64 << 20))
+    if not all(mallopt(param, value) == 1 for param, value in settings):
+        raise SystemExit("--heap keep: glibc refused a mallopt setting")
+
+
 def _ours(config: GPTConfig) -> tuple[str, nn.Module, Loss]:
     """Our GPT, as :func:`competitor` gives theirs."""
     return "maskedattn", GPT(config), lambda m, x, y: m(x, y).loss
@@ -194,29 +216,32 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
 
 def measure_apart(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, warmup: int,
                   rounds: int, *, nanogpt: str | None = None, optimizer: str = "default",
-                  clock: Callable[[], float] = time.perf_counter, threads: int | None = None
-                  ) -> dict[str, float]:
+                  clock: Callable[[], float] = time.perf_counter, threads: int | None = None,
+                  keep: bool = False) -> dict[str, float]:
     """Median seconds per training step of each model, each timed in fresh processes of its
     own: ``rounds`` rounds, each one process for ours and then one for the competitor's, each
     process ``warmup`` untimed and ``repeats`` timed steps. ``clock`` as for :func:`measure`
-    (a module-level function, which the processes receive by name)."""
+    (a module-level function, which the processes receive by name); ``keep``: each process
+    calls :func:`keep_heap` first."""
     times: dict[str, list[float]] = {}
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fresh heap
     with context.Pool(1, maxtasksperchild=1) as pool:  # one process per task
         for _ in range(rounds):
             for ours in (True, False):
                 name, ts = pool.apply(_time_alone, (ours, config, batch, dtype, repeats, warmup,
-                                                    nanogpt, optimizer, clock, threads))
+                                                    nanogpt, optimizer, clock, threads, keep))
                 times.setdefault(name, []).extend(ts)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _time_alone(ours: bool, config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int,
                 warmup: int, nanogpt: str | None, optimizer: str, clock: Callable[[], float],
-                threads: int | None) -> tuple[str, list[float]]:
+                threads: int | None, keep: bool) -> tuple[str, list[float]]:
     """(name, seconds of each timed step) of one model, the only one in this process."""
     if threads:
         torch.set_num_threads(threads)
+    if keep:
+        keep_heap()
     torch.manual_seed(0)
     name, model, loss = _ours(config) if ours else competitor(config, nanogpt)
     x = torch.randint(0, config.vocab_size, (batch, config.context))
@@ -260,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=0, metavar="ROUNDS",
                    help="time each model alone in fresh processes, ROUNDS rounds interleaved"
                         " (default 0: both in this process, timed alternately; see above)")
+    p.add_argument("--heap", choices=["system", "keep"], default="system",
+                   help="keep: glibc keeps freed memory instead of handing it back to the"
+                        " system, so no step pays page faults for memory an earlier one"
+                        " returned (default system: glibc's own choice; see above)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time each step by this process's CPU time (all threads), for a"
@@ -278,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         breaks: dict[str, tuple[int, int]] = {}
         result = measure_apart(config, args.batch, dtype, args.repeats, args.warmup,
                                args.processes, nanogpt=args.nanogpt, optimizer=args.optimizer,
-                               clock=clock, threads=args.threads)
+                               clock=clock, threads=args.threads, keep=args.heap == "keep")
     else:
+        if args.heap == "keep":
+            keep_heap()
         result, breaks = measure(config, args.batch, dtype, args.repeats, args.warmup,
                                  nanogpt=args.nanogpt, compile=args.compile,
                                  optimizer=args.optimizer, clock=clock)
@@ -288,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training step, {params / 1e6:.1f}M parameters, batch {args.batch} x {args.context}"
           f" tokens, {args.dtype}, AdamW {args.optimizer}, {torch.get_num_threads()} threads,"
           f" torch {torch.__version__}, {platform.processor() or platform.machine()};"
-          f" {args.clock} clock, median of {args.repeats}"
+          f" {args.clock} clock, {args.heap} heap, median of {args.repeats}"
           + (f" steps in each of {args.processes} processes per model" if args.processes
              else ", in one process"))
     for name, (graphs, n_breaks) in breaks.items():
