@@ -159,3 +159,29 @@ def test_inductor_forward_and_backward(name):
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_inductor_with_projection_views_under_autocast():
+    # q, k, v as a model makes them (views of one projection), bfloat16 under autocast: the
+    # operators' outputs keep that layout, and inductor, which passes a custom operator the
+    # traced strides exactly, must find the fakes' strides in what the kernel returns.
+    torch.manual_seed(0)
+    b, t, h, d = 2, 16, 2, 16
+    c = h * d
+    w_qkv, w_o = torch.randn(c, 3 * c, requires_grad=True), torch.randn(c, c, requires_grad=True)
+
+    def block(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = (y.view(b, t, h, d).transpose(1, 2) for y in (x @ w_qkv).split(c, -1))
+            y = ma.attention(q, k, v, ma.Causal())
+            return (y.transpose(1, 2).reshape(b, t, c) @ w_o).float().square().mean()
+
+    x = torch.randn(b, t, c)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.compile(block, fullgraph=True)(x)
+    got_grads = torch.autograd.grad(got, (w_qkv, w_o))
+    want = block(x)
+    want_grads = torch.autograd.grad(want, (w_qkv, w_o))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g - w).norm() / w.norm() < 2e-2
