@@ -13,9 +13,11 @@ computed in float32 and rounded once, as torch does.
 The kernel is compiled on first use and loaded by the package's one loader, as the GEMV's is;
 ``MASKEDATTN_NATIVE`` means what it means for the other kernels (``0``: off). Calls go through
 the custom operators ``torch.ops.maskedattn.gelu`` and ``gelu_backward`` (autograd registered;
-a double backward runs torch's differentiable ``gelu_backward``). Under ``torch.compile``,
-``torch.export`` and the ``torch.func`` transforms :func:`gelu` is ``F.gelu``: inductor fuses an
-element-wise function with its neighbours, which an opaque operator would prevent.
+a double backward runs torch's differentiable ``gelu_backward``), which ``torch.compile`` keeps
+too: inductor's own GELU, fused with its neighbours, made a compiled training step 1-12% slower
+than the operators (BENCHMARKS.md), because its partitioner evaluates the GELU again for the
+backward and its tanh is slow. Under ``torch.export`` and the ``torch.func`` transforms
+:func:`gelu` is ``F.gelu``, so an exported program does not depend on this package.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def serves(x: Tensor, approximate: str = "none") -> bool:
-    """True if :func:`gelu` runs ``x`` through the native operators: eager, a plain contiguous
-    CPU tensor of float32 or bfloat16 with at least :data:`MIN_NATIVE` elements, and a form for
-    which the kernel is the faster in at least one pass (the operators hand the other to
-    torch)."""
+    """True if :func:`gelu` runs ``x`` through the native operators: a plain contiguous CPU
+    tensor of float32 or bfloat16 with at least :data:`MIN_NATIVE` elements, not under
+    ``torch.export`` or a ``torch.func`` transform, and a form for which the kernel is the
+    faster in at least one pass (the operators hand the other to torch)."""
     return (
         x.numel() >= MIN_NATIVE  # first: it turns away every decoding call
         and type(x) is Tensor  # a subclass (DTensor, a tensor-parallel shard) keeps its own rules
@@ -61,10 +63,15 @@ def serves(x: Tensor, approximate: str = "none") -> bool:
         and x.is_cpu
         and approximate in _FORMS
         and x.is_contiguous()
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
         and not torch._C._are_functorch_transforms_active()
-        and any(_native_passes(x.dtype, approximate))
+        and _any_native_pass(x.dtype, approximate)
     )
+
+
+@torch.compiler.assume_constant_result  # torch.compile must not trace the library's loading
+def _any_native_pass(dtype: torch.dtype, approximate: str) -> bool:
+    return any(_native_passes(dtype, approximate))
 
 
 def _native_passes(dtype: torch.dtype, approximate: str) -> tuple[bool, bool]:
