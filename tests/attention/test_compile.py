@@ -146,6 +146,28 @@ def test_gpt_exports():
     torch.testing.assert_close(program.module()(other).logits, model(other).logits)
 
 
+def test_inductor_gpt_training_step_under_autocast():
+    # A compiled module called inside an autocast region (nanoGPT's train.py does this) has its
+    # backward traced inside the region too; there the attention backward once had its float32
+    # lse cast to bfloat16, and every gradient upstream of attention came out NaN.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, context=16))
+    tokens = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(tokens, tokens).loss
+        loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, tokens).loss
+    loss.backward()
+    for (name, p), g in zip(model.named_parameters(), got, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert (g - p.grad).norm() <= 2e-2 * p.grad.norm(), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["causal", "chunked&padding", "bias"])
 def test_inductor_forward_and_backward(name):

@@ -181,6 +181,38 @@ def test_the_operator_itself_follows_autocast():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 
 
+@pytest.mark.parametrize("need_lse", [False, True])
+def test_a_backward_inside_autocast_keeps_the_log_sum_exp_in_float32(need_lse):
+    # Autocast casts an operator's floating inputs; the backward's lse and d_lse must stay
+    # float32 (the kernel reads them so), as they do when the backward runs outside the region.
+    # torch.compile traces a training step's backward inside it, which is how this was found:
+    # every gradient upstream of attention came out NaN.
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 3, 40, 40, 16))
+    gy = torch.randn(2, 3, 40, 16)
+    gl = torch.randn(2, 3, 40)
+
+    def grads(inside: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, lse = ma.attention(q, k, v, ma.Causal(), return_lse=True)
+            loss = (out.float() * gy).sum() + ((lse * gl).sum() if need_lse else 0)
+            if inside:
+                return torch.autograd.grad(loss, (q, k, v))
+        return torch.autograd.grad(loss, (q, k, v))
+
+    for got, want in zip(grads(inside=True), grads(inside=False), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+def test_the_backward_operator_refuses_a_low_precision_log_sum_exp():
+    q, k, v, args, _ = _inputs("causal", grad=False)
+    out, lse = torch.ops.maskedattn.tiled_fwd(q, k, v, *args)
+    with pytest.raises(TypeError, match=r"lse.*float32"):
+        torch.ops.maskedattn.tiled_bwd(out, None, q, k, v, out, lse.bfloat16(), *args)
+    with pytest.raises(TypeError, match=r"d_lse.*float32"):
+        torch.ops.maskedattn.tiled_bwd(out, lse.half(), q, k, v, out, lse, *args)
+
+
 def test_mixed_dtypes_outside_autocast_still_raise_like_sdpa():
     q, k, v = random_qkv(1, 2, 2, 4, 4, 8)
     with pytest.raises(TypeError, match="share one dtype"):

@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from maskedattn._errors import Failure
+from maskedattn.bench import train
 from maskedattn.cli.main import main
+from maskedattn.model import GPT, GPTConfig
 
 SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context", "16", "--batch", "2",
          "--repeats", "1", "--warmup", "0"]
@@ -17,6 +21,18 @@ def test_quick_run_against_plain_gpt(capsys, monkeypatch):
     assert main(["bench", "train", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "PlainGPT (SDPA)" in out and "throughput ratio maskedattn / PlainGPT (SDPA)" in out
+
+
+def test_a_step_on_non_finite_weights_stops_the_benchmark(monkeypatch):
+    # Timing steps that train on NaN measures nothing: a compiled bfloat16 step once broke the
+    # weights on its first step and the table still printed a speed-up.
+    def poisoned(config):
+        return "maskedattn", GPT(config), lambda m, x, y: m(x, y).loss * float("nan")
+
+    monkeypatch.setattr(train, "_ours", poisoned)
+    config = GPTConfig.preset("tiny", n_layer=1, n_head=2, n_embd=32, context=16)
+    with pytest.raises(Failure, match=r"loss of step 1 .*is nan"):
+        train.measure(config, 2, torch.float32, repeats=1, warmup=1)
 
 
 def test_missing_nanogpt_file_is_a_clear_error(tmp_path):

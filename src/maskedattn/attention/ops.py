@@ -21,8 +21,9 @@ call's mask and scores as ints, floats and optional tensors. Every operator has
   ``torch.func.grad`` works too; a second derivative raises a clear error in both, never a
   silent zero;
 - a ``vmap`` rule that folds the mapped dimension into the batch;
-- an autocast rule that behaves like SDPA's: under ``torch.autocast`` the floating inputs are
-  cast to the autocast dtype (float64 excepted) and the output comes back in it.
+- an autocast rule on the forwards that behaves like SDPA's: under ``torch.autocast`` the
+  floating inputs are cast to the autocast dtype (float64 excepted) and the output comes back
+  in it; the backwards take their inputs as the forward left them (lse stays float32).
 
 ``torch.library.opcheck`` passes on each (``tests/attention/test_ops.py``).
 """
@@ -75,6 +76,7 @@ def _tiled_forward_call(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall
 def _tiled_backward(d_out, d_lse, q, k, v, out, lse, *mask) -> tuple[Tensor, Tensor, Tensor]:
     from . import native, tiled
 
+    _check_lse(lse, d_lse)
     call = call_from_op_args(q, k, OpArgs(*mask))
     kernel = native.kernel()
     if kernel is not None:
@@ -91,6 +93,7 @@ def _triton_forward(q: Tensor, k: Tensor, v: Tensor, *mask) -> tuple[Tensor, Ten
 def _triton_backward(d_out, d_lse, q, k, v, out, lse, *mask) -> tuple[Tensor, Tensor, Tensor]:
     from . import _triton_kernels as tk
 
+    _check_lse(lse, d_lse)
     return tk.backward(d_out, d_lse, q, k, v, out, lse, call_from_op_args(q, k, OpArgs(*mask)))
 
 
@@ -102,7 +105,16 @@ def _fake_forward(q: Tensor, k: Tensor, v: Tensor, *mask) -> tuple[Tensor, Tenso
 
 
 def _fake_backward(d_out, d_lse, q, k, v, out, lse, *mask) -> tuple[Tensor, Tensor, Tensor]:
+    _check_lse(lse, d_lse)
     return tuple(empty_like_heads(t) for t in (q, k, v))
+
+
+def _check_lse(lse: Tensor, d_lse: Tensor | None) -> None:
+    """The kernels read the log-sum-exp and its gradient as float32, whatever q's dtype."""
+    for name, t in (("lse", lse), ("d_lse", d_lse)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"maskedattn: the backward's {name} must be float32 (as the forward"
+                            f" returns it), got {t.dtype}")
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -138,9 +150,11 @@ def _register(prefix: str, forward_impl: Callable, backward_impl: Callable):
     bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
     fwd.register_vmap(_vmap_rule(fwd, q_at=0, n_outputs=2))
     bwd.register_vmap(_vmap_rule(bwd, q_at=2, n_outputs=3))
-    for name, op in ((f"{prefix}_fwd", fwd), (f"{prefix}_bwd", bwd)):
-        for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-            _LIB.impl(name, _autocast_kernel(op, device_type), key)
+    # The forward only: the backward's inputs are what the forward saved and returned, already
+    # in their dtypes, and its float32 lse must stay float32 when a backward runs inside an
+    # autocast region (as torch.compile traces a training step's).
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _LIB.impl(f"{prefix}_fwd", _autocast_kernel(fwd, device_type), key)
     return fwd, bwd
 
 

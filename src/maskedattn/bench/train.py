@@ -26,17 +26,23 @@ an earlier step gave back, and the times compare the steps' work. BENCHMARKS.md 
     python benchmarks/train_cpu.py --heap keep           # no memory handed back to the system
 
 With ``--compile`` both models go through ``torch.compile`` and the table adds our eager step
-as a third contestant; the number of graphs and graph breaks of each compiled forward
-(``torch._dynamo.explain``) is printed, since every break costs a trip through Python.
+as a third contestant (a copy of our model: each contestant trains weights of its own); the
+number of graphs and graph breaks of each compiled forward (``torch._dynamo.explain``) is
+printed, since every break costs a trip through Python.
+
+Every step's loss is checked after the timing: a step on non-finite weights would time
+arithmetic on NaN, so the benchmark stops with an error instead of printing a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import importlib.util
 import io
+import math
 import multiprocessing
 import os
 import platform
@@ -50,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import Failure
 from ..model import GPT, GPTConfig
 
 NANOGPT_ENV = "MASKEDATTN_NANOGPT"  # path of nanoGPT's model.py, if --nanogpt is not given
@@ -146,18 +153,28 @@ def _ours(config: GPTConfig) -> tuple[str, nn.Module, Loss]:
 
 
 def _step_fn(model: nn.Module, loss_of: Loss, dtype: torch.dtype,
-             optimizer: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+             optimizer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One training step of ``model``: returns its loss, detached."""
     kind = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_of(model, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
+
+
+def _check_finite(name: str, losses: list[torch.Tensor]) -> None:
+    """Steps that train on NaN time arithmetic on NaN, not training: stop at the first one."""
+    for i, loss in enumerate(losses, 1):
+        if not math.isfinite(loss.item()):
+            raise Failure(f"{name}: the loss of step {i} (warm-up included) is {loss.item()};"
+                          " a step on non-finite weights times nothing worth reporting")
 
 
 def graph_breaks(model: nn.Module, loss_of: Loss, x: torch.Tensor, y: torch.Tensor,
@@ -192,9 +209,10 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
     if compile:
         breaks["maskedattn"] = graph_breaks(ours, ours_loss, x, y, dtype)
         breaks[name] = graph_breaks(plain, plain_loss, x, y, dtype)
+        eager = copy.deepcopy(ours)  # its own weights: each contestant trains one model
         steps = {
             "maskedattn compiled": _step_fn(torch.compile(ours), ours_loss, dtype, optimizer),
-            "maskedattn eager": _step_fn(ours, ours_loss, dtype, optimizer),
+            "maskedattn eager": _step_fn(eager, ours_loss, dtype, optimizer),
             f"{name} compiled": _step_fn(torch.compile(plain), plain_loss, dtype, optimizer),
         }
     else:
@@ -202,15 +220,18 @@ def measure(config: GPTConfig, batch: int, dtype: torch.dtype, repeats: int, war
             "maskedattn": _step_fn(ours, ours_loss, dtype, optimizer),
             name: _step_fn(plain, plain_loss, dtype, optimizer),
         }
-    for step in steps.values():
+    losses: dict[str, list[torch.Tensor]] = {label: [] for label in steps}
+    for label, step in steps.items():
         for _ in range(warmup):
-            step(x, y)
+            losses[label].append(step(x, y))
     times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
             t0 = clock()
-            step(x, y)
+            losses[label].append(step(x, y))
             times[label].append(clock() - t0)
+    for label, ls in losses.items():
+        _check_finite(label, ls)
     return {label: statistics.median(ts) for label, ts in times.items()}, breaks
 
 
@@ -247,13 +268,13 @@ def _time_alone(ours: bool, config: GPTConfig, batch: int, dtype: torch.dtype, r
     x = torch.randint(0, config.vocab_size, (batch, config.context))
     y = torch.randint(0, config.vocab_size, (batch, config.context))
     step = _step_fn(model, loss, dtype, optimizer)
-    for _ in range(warmup):
-        step(x, y)
+    losses = [step(x, y) for _ in range(warmup)]
     times = []
     for _ in range(repeats):
         t0 = clock()
-        step(x, y)
+        losses.append(step(x, y))
         times.append(clock() - t0)
+    _check_finite(name, losses)
     return name, times
 
 
