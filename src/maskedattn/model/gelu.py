@@ -14,9 +14,9 @@ The kernel is compiled on first use and loaded by the package's one loader, as t
 ``MASKEDATTN_NATIVE`` means what it means for the other kernels (``0``: off). Calls go through
 the custom operators ``torch.ops.maskedattn.gelu`` and ``gelu_backward`` (autograd registered;
 a double backward runs torch's differentiable ``gelu_backward``), which ``torch.compile`` keeps
-too: inductor's own GELU, fused with its neighbours, made a compiled training step 1-12% slower
-than the operators (BENCHMARKS.md), because its partitioner evaluates the GELU again for the
-backward and its tanh is slow. Under ``torch.export`` and the ``torch.func`` transforms
+too: inductor's own GELU, fused with its neighbours, made a compiled training step up to 9%
+slower than the operators (BENCHMARKS.md), because its partitioner evaluates the GELU again
+for the backward and its tanh is slow. Under ``torch.export`` and the ``torch.func`` transforms
 :func:`gelu` is ``F.gelu``, so an exported program does not depend on this package.
 """
 
