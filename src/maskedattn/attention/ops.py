@@ -114,7 +114,9 @@ def _check_lse(lse: Tensor, d_lse: Tensor | None) -> None:
     for name, t in (("lse", lse), ("d_lse", d_lse)):
         if t is not None and t.dtype != torch.float32:
             raise TypeError(f"maskedattn: the backward's {name} must be float32 (as the forward"
-                            f" returns it), got {t.dtype}")
+                            f" returns it), got {t.dtype}. A torch.compile graph cached by an"
+                            " earlier maskedattn passes bfloat16 here: clear inductor's cache"
+                            " (docs/pytorch.md)")
 
 
 # -- registration -------------------------------------------------------------------------------
