@@ -182,7 +182,9 @@ def test_the_operator_itself_follows_autocast():
 
 
 @pytest.mark.parametrize("need_lse", [False, True])
-def test_a_backward_inside_autocast_keeps_the_log_sum_exp_in_float32(need_lse):
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed"))])
+def test_a_backward_inside_autocast_keeps_the_log_sum_exp_in_float32(backend, need_lse):
     # Autocast casts an operator's floating inputs; the backward's lse and d_lse must stay
     # float32 (the kernel reads them so), as they do when the backward runs outside the region.
     # torch.compile traces a training step's backward inside it, which is how this was found:
@@ -190,10 +192,12 @@ def test_a_backward_inside_autocast_keeps_the_log_sum_exp_in_float32(need_lse):
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, 3, 40, 40, 16))
     gy = torch.randn(2, 3, 40, 16)
     gl = torch.randn(2, 3, 40)
+    # float16 for triton: the CPU interpreter declines bfloat16
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16
 
     def grads(inside: bool):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, lse = ma.attention(q, k, v, ma.Causal(), return_lse=True)
+        with torch.autocast("cpu", dtype=dtype):
+            out, lse = ma.attention(q, k, v, ma.Causal(), return_lse=True, backend=backend)
             loss = (out.float() * gy).sum() + ((lse * gl).sum() if need_lse else 0)
             if inside:
                 return torch.autograd.grad(loss, (q, k, v))
@@ -204,13 +208,16 @@ def test_a_backward_inside_autocast_keeps_the_log_sum_exp_in_float32(need_lse):
         torch.testing.assert_close(got, want)
 
 
-def test_the_backward_operator_refuses_a_low_precision_log_sum_exp():
+@pytest.mark.parametrize("op", ["tiled", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed"))])
+def test_the_backward_operator_refuses_a_low_precision_log_sum_exp(op):
     q, k, v, args, _ = _inputs("causal", grad=False)
-    out, lse = torch.ops.maskedattn.tiled_fwd(q, k, v, *args)
+    fwd, bwd = (getattr(torch.ops.maskedattn, f"{op}_{way}") for way in ("fwd", "bwd"))
+    out, lse = fwd(q, k, v, *args)
     with pytest.raises(TypeError, match=r"lse.*float32"):
-        torch.ops.maskedattn.tiled_bwd(out, None, q, k, v, out, lse.bfloat16(), *args)
+        bwd(out, None, q, k, v, out, lse.bfloat16(), *args)
     with pytest.raises(TypeError, match=r"d_lse.*float32"):
-        torch.ops.maskedattn.tiled_bwd(out, lse.half(), q, k, v, out, lse, *args)
+        bwd(out, lse.half(), q, k, v, out, lse, *args)
 
 
 def test_mixed_dtypes_outside_autocast_still_raise_like_sdpa():
