@@ -4,8 +4,8 @@ Generating a token multiplies one activation row by every weight matrix of the m
 speed is how fast the weights stream from memory. On the CPU, ``torch.nn.functional.linear``
 with one row reaches a fraction of that (measured in ``BENCHMARKS.md``); ``csrc/gemv.c`` streams
 each weight once per call, on ``torch.get_num_threads()`` threads, and between calls its helper
-threads warm the cache with the weights that followed the current ones last time (a decode
-step calls them in the same order every token). :func:`linear` uses it
+threads warm the cache with the weights of the next few calls, as they followed the current
+ones last time (a decode step calls them in the same order every token). :func:`linear` uses it
 where it applies (CPU, float32 or bfloat16, at most :data:`MAX_ROWS` rows, no autograd) and
 ``F.linear``, its readable twin and test oracle, everywhere else.
 

@@ -6,7 +6,7 @@
  * Threads take contiguous ranges of weight rows; each row is read front to back once (one
  * sequential stream the hardware prefetcher follows) and serves all M rows of x while it sits
  * in the L1 cache. Between calls a helper thread warms the shared cache with the weights the
- * next call will read (learned from the order of the calls, see warm()).
+ * next calls will read (learned from the order of the calls, see warm()).
  *
  * Each output element is computed by the same instruction sequence whatever M, the thread
  * count or the split between threads, so a row's result does not depend on its batch.
@@ -91,6 +91,7 @@ typedef struct {
     int64_t rows, chunk, chunks;
 } Task;
 
+#define AHEAD_SEGS 4 /* how many of the next calls' weights are warmed */
 #define CLOSED 0xffffffffu /* ticket index while the next task is being written */
 
 static struct {
@@ -103,8 +104,10 @@ static struct {
     _Atomic int64_t unfinished; /* chunks of the task not yet computed */
     _Atomic int helpers;        /* how many helpers may join the task */
     _Atomic int sleeping;
-    _Atomic(const char *) ahead; /* the weights the next call will likely read */
-    _Atomic int64_t ahead_bytes;
+    /* the weights the next calls will likely read, in call order: written before the
+     * generation is published, read by helpers after they see it */
+    struct { _Atomic(const char *) p; _Atomic int64_t bytes; } ahead[AHEAD_SEGS];
+    _Atomic int n_ahead;
     int threads;                /* helpers started */
 } pool = {.caller = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
@@ -133,19 +136,21 @@ static void work(uint32_t gen) {
 }
 
 /* Between two products the caller computes norms, attention, residuals: the memory bus idles.
- * A helper done with its share streams (its slice of) the weights the next call will read
- * into the shared L3 cache, until that call arrives. Prefetch instructions never fault, so a
+ * A helper done with its share streams (its slice of) the weights the next calls will read
+ * into the shared L3 cache, in call order, until the next call arrives: a long gap (attention)
+ * then warms the products after the next one too. Prefetch instructions never fault, so a
  * stale guess (weights freed since) costs nothing but bandwidth. */
 #define AHEAD_MAX ((int64_t)24 << 20) /* stay well inside a 32 MiB L3 */
 static void warm(uint32_t gen, int id, int helpers) {
-    const char *p = atomic_load(&pool.ahead);
-    int64_t bytes = atomic_load(&pool.ahead_bytes);
-    if (!p || helpers <= 0) return;
-    if (bytes > AHEAD_MAX) bytes = AHEAD_MAX;
-    int64_t lo = bytes / helpers * id, hi = id == helpers - 1 ? bytes : lo + bytes / helpers;
-    for (int64_t off = lo; off < hi; off += 64) {
-        if ((off & 4095) == 0 && atomic_load(&pool.generation) != gen) return;
-        __builtin_prefetch(p + off, 0, 3);
+    if (helpers <= 0) return;
+    for (int s = 0; s < atomic_load(&pool.n_ahead); s++) {
+        const char *p = atomic_load(&pool.ahead[s].p);
+        int64_t bytes = atomic_load(&pool.ahead[s].bytes);
+        int64_t lo = bytes / helpers * id, hi = id == helpers - 1 ? bytes : lo + bytes / helpers;
+        for (int64_t off = lo; off < hi; off += 64) {
+            if ((off & 4095) == 0 && atomic_load(&pool.generation) != gen) return;
+            __builtin_prefetch(p + off, 0, 3);
+        }
     }
 }
 
@@ -216,10 +221,19 @@ static void parallel_rows(void (*run)(const void *, int64_t, int64_t), const voi
         successor[i].w = last_w, successor[i].next = w, successor[i].next_bytes = rows * row_bytes;
     }
     last_w = w;
-    size_t j = slot(w);
-    int known = successor[j].w == w;
-    atomic_store(&pool.ahead, known ? (const char *)successor[j].next : NULL);
-    atomic_store(&pool.ahead_bytes, known ? successor[j].next_bytes : 0);
+    /* The chain of successors from w, AHEAD_MAX bytes of it, stopping where it comes back. */
+    int n = 0;
+    int64_t room = AHEAD_MAX;
+    for (const void *at = w; n < AHEAD_SEGS && room > 0; n++) {
+        size_t j = slot(at);
+        if (successor[j].w != at || successor[j].next == w) break;
+        int64_t bytes = successor[j].next_bytes < room ? successor[j].next_bytes : room;
+        atomic_store(&pool.ahead[n].p, (const char *)successor[j].next);
+        atomic_store(&pool.ahead[n].bytes, bytes);
+        room -= bytes;
+        at = successor[j].next;
+    }
+    atomic_store(&pool.n_ahead, n);
     atomic_store(&pool.helpers, threads - 1);
     atomic_store(&pool.unfinished, chunks);
     atomic_store(&pool.ticket, (uint64_t)gen << 32);
