@@ -1,5 +1,7 @@
 """The native matrix-vector kernel of decoding, against float64 and its twin F.linear."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,19 +101,26 @@ def test_threads_and_concurrent_callers_give_identical_results():
 
 
 @native
-def test_warming_weights_that_were_freed_since_is_harmless():
-    """Helpers warm the cache with the weights that followed last time: here those were freed
-    (24 MiB: unmapped, not kept by malloc), and reading them with loads would fault."""
+@pytest.mark.parametrize("chain", [0, 1])
+def test_warming_weights_that_were_freed_since_is_harmless(chain):
+    """Helpers warm the cache with the weights of the calls that followed last time: here those
+    were freed and unmapped (over 32 MiB, glibc's largest mmap threshold, so never kept by
+    malloc), and reading them with loads would fault. ``chain``: how many smaller calls came
+    between, so the freed weights are the second of the chain the helper follows."""
     x, w = torch.randn(1, 768), torch.randn(2304, 768)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(max(2, threads))
-        gone = torch.randn(8192, 768)
-        for _ in range(3):  # learn: w, then gone
-            gemv.native_linear(x, w)
-            gemv.native_linear(x, gone)
-        del gone
-        results = [gemv.native_linear(x, w) for _ in range(20)]
+        between = [torch.randn(512, 768) for _ in range(chain)]
+        gone = torch.randn(12288, 768)  # 36 MiB
+        for _ in range(3):  # learn: w, (between), then gone
+            for weight in (w, *between, gone):
+                gemv.native_linear(x, weight)
+        del gone, between, weight  # the loop's variable holds the last weight too
+        results = []
+        for _ in range(20):  # with gaps, as attention leaves them: time to warm the chain
+            results.append(gemv.native_linear(x, w))
+            time.sleep(0.01)
     finally:
         torch.set_num_threads(threads)
     assert all(relative_error(r, F.linear(x, w)) < 1e-5 for r in results)
