@@ -1,6 +1,6 @@
 """The kernels as PyTorch operators: ``torch.ops.maskedattn.*``.
 
-Each fast kernel is a pair of ``torch.library`` custom operators, a forward and a backward:
+Each fast kernel is a pair of ``torch.library`` operators, a forward and a backward:
 
 =============================  ==========================================================
 ``maskedattn::tiled_fwd``      CPU kernel (native, else its pure-torch twin): (out, lse)
@@ -15,11 +15,10 @@ call's mask and scores as ints, floats and optional tensors. Every operator has
 
 - a fake (meta) implementation, so ``torch.compile`` and ``torch.export`` trace it without
   running it (the output shapes depend only on the input shapes);
-- registered autograd (``setup_context`` + a backward calling the backward operator); the
-  public path (:func:`flash_forward`, which every backend calls) wraps the pair in an
-  ``autograd.Function`` with ``setup_context`` under the ``torch.func`` transforms, so
-  ``torch.func.grad`` works too; a second derivative raises a clear error in both, never a
-  silent zero;
+- autograd: the forward's Autograd kernel applies an ``autograd.Function`` whose backward
+  calls the backward operator (with ``setup_context`` under the ``torch.func`` transforms, so
+  ``torch.func.grad`` works too); the public path (:func:`flash_forward`, which every backend
+  calls) applies it directly; a second derivative raises a clear error, never a silent zero;
 - a ``vmap`` rule that folds the mapped dimension into the batch;
 - an autocast rule on the forwards that behaves like SDPA's: under ``torch.autocast`` the
   floating inputs are cast to the autocast dtype (float64 excepted) and the output comes back
@@ -42,10 +41,11 @@ from .lowering import OP_FIELDS, OpArgs, call_from_op_args, empty_like_heads, op
 
 __all__ = ["FORWARD_OPS", "flash_backward", "flash_forward"]
 
-# torch._dynamo is imported above, not by the operators' first call (torch's custom_op imports
-# it then): imported after torch.distributed.init_process_group, it keeps the process group
-# alive past destroy_process_group (torch 2.13), and the group's gloo threads then abort the
-# process at interpreter exit.
+# torch._dynamo is imported above, not by the first call of an operator made with torch's
+# custom_op (the model's are; custom_op imports it then): imported after
+# torch.distributed.init_process_group, it keeps the process group alive past
+# destroy_process_group (torch 2.13), and the group's gloo threads then abort the process at
+# interpreter exit.
 
 _N = len(OP_FIELDS)
 _MASK_TENSORS = tuple(i for i, (_, kind) in enumerate(OP_FIELDS) if kind == "Tensor?")
@@ -121,37 +121,28 @@ def _check_lse(lse: Tensor, d_lse: Tensor | None) -> None:
 
 # -- registration -------------------------------------------------------------------------------
 
-_LIB = torch.library.Library("maskedattn", "FRAGMENT")  # for the autocast kernels
+# The operators are defined on the dispatcher directly (``Library.define`` and ``impl``), and
+# their autograd is an ``autograd.Function`` (:class:`_Flash`) behind a kernel at the Autograd
+# key: ``torch.library.custom_op``'s Python layers cost ~10 us a call without gradients and
+# ~50 us with them (its ``fill_defaults`` is quadratic in a schema's arguments, and ours has
+# 14), against ~8 us and ~15 us this way (BENCHMARKS.md).
+_LIB = torch.library.Library("maskedattn", "FRAGMENT")
 
 
 def _define(name: str, schema: str, impl: Callable, fake: Callable):
-    op = torch.library.custom_op(f"maskedattn::{name}", impl, mutates_args=(), schema=schema)
-    op.register_fake(fake)
-    return op
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"maskedattn::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.maskedattn, name).default
 
 
 def _register(prefix: str, forward_impl: Callable, backward_impl: Callable):
     fwd = _define(f"{prefix}_fwd", _FWD_SCHEMA, forward_impl, _fake_forward)
     bwd = _define(f"{prefix}_bwd", _BWD_SCHEMA, backward_impl, _fake_backward)
-
-    def setup_context(ctx, inputs, output) -> None:
-        q, k, v, *mask = inputs
-        out, lse = output
-        ctx.mask = mask  # ints and floats; its tensors are saved below
-        ctx.save_for_backward(q, k, v, out, lse, *(mask[i] for i in _MASK_TENSORS))
-
-    def backward(ctx, d_out: Tensor, d_lse: Tensor):
-        q, k, v, out, lse, *saved = ctx.saved_tensors
-        mask = list(ctx.mask)
-        for i, t in zip(_MASK_TENSORS, saved, strict=True):
-            mask[i] = t
-        dq, dk, dv = bwd(d_out, d_lse, q, k, v, out, lse, *mask)
-        return dq, dk, dv, *([None] * _N)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-    fwd.register_vmap(_vmap_rule(fwd, q_at=0, n_outputs=2))
-    bwd.register_vmap(_vmap_rule(bwd, q_at=2, n_outputs=3))
+    _LIB.impl(f"{prefix}_fwd", _differentiable(prefix, fwd), "Autograd")
+    _LIB.impl(f"{prefix}_bwd", _first_order(bwd), "Autograd")
+    torch.library.register_vmap(fwd, _vmap_rule(fwd, q_at=0, n_outputs=2), lib=_LIB)
+    torch.library.register_vmap(bwd, _vmap_rule(bwd, q_at=2, n_outputs=3), lib=_LIB)
     # The forward only: the backward's inputs are what the forward saved and returned, already
     # in their dtypes, and its float32 lse must stay float32 when a backward runs inside an
     # autocast region (as torch.compile traces a training step's).
@@ -160,8 +151,32 @@ def _register(prefix: str, forward_impl: Callable, backward_impl: Callable):
     return fwd, bwd
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(_FIRST_ORDER_ONLY)
+def _needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def _differentiable(backend: str, op) -> Callable:
+    """The forward's Autograd kernel: :class:`_Flash` when a gradient is wanted."""
+    def kernel(*args):
+        if _needs_grad(args):
+            return _flash_apply(backend, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return kernel
+
+
+def _first_order(op) -> Callable:
+    """The backward's Autograd kernel: its gradients may not be differentiated again."""
+    def kernel(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = op(*args)
+        if _needs_grad(args):
+            grads = _FirstOrderOnly.apply(*grads, *(a for a in args if isinstance(a, Tensor)))
+        return grads
+
+    return kernel
 
 
 _FIRST_ORDER_ONLY = (
@@ -233,8 +248,9 @@ def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs,
         if call is None:
             call = call_from_op_args(q, k, args)
         return _tiled_forward_call(q, k, v, call)
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _Flash.apply(backend, q, k, v, *args)
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                              or _needs_grad((q, k, v, *args))):
+        return _flash_apply(backend, q, k, v, *args)  # the operator's autograd, one hop less
     return FORWARD_OPS[backend](q, k, v, *args)
 
 
@@ -250,16 +266,17 @@ def _plain_inference(*args) -> bool:
 
 
 class _Flash(torch.autograd.Function):
-    """The operators under the functorch transforms: the autograd that ``custom_op`` generates
-    has no ``setup_context``, which ``torch.func.grad`` needs. The forward and backward are the
-    operators themselves, so ``torch.compile`` and ``torch.export`` still see one opaque
-    operator each way, and ``torch.vmap`` uses their vmap rules."""
+    """The forward operators' autograd (their Autograd kernel applies it; eager calls apply it
+    directly), with the ``setup_context`` that ``torch.func.grad`` needs. The forward and
+    backward are the operators themselves, so ``torch.compile`` and ``torch.export`` see one
+    opaque operator each way, and ``torch.vmap`` uses their vmap rules."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(backend, q, k, v, *mask):
-        return FORWARD_OPS[backend](q, k, v, *mask)
+        with torch._C._AutoDispatchBelowAutograd():  # past the Autograd kernel, which is us
+            return FORWARD_OPS[backend](q, k, v, *mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -282,6 +299,27 @@ class _Flash(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad
             grads = _FirstOrderOnly.apply(*grads, q, k, v, d_out)
         return None, *grads, *([None] * _N)
+
+
+class _EagerFlash(torch.autograd.Function):
+    """:class:`_Flash` without ``setup_context``, outside the functorch transforms: for a
+    Function with one, ``apply`` binds the arguments through ``inspect.signature`` on every
+    call (~15 us for these 15)."""
+
+    @staticmethod
+    def forward(ctx, backend, q, k, v, *mask):
+        output = _Flash.forward(backend, q, k, v, *mask)
+        _Flash.setup_context(ctx, (backend, q, k, v, *mask), output)
+        return output
+
+    backward = _Flash.backward
+
+
+def _flash_apply(backend: str, *args):
+    """The forward operator's autograd, as the functorch transforms need it or as cheap."""
+    if torch._C._are_functorch_transforms_active():
+        return _Flash.apply(backend, *args)
+    return _EagerFlash.apply(backend, *args)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
