@@ -30,3 +30,10 @@ def test_flops_count_causal_half_and_backward():
     full = bench.attention_flops(1, 8, 1024, 1024, 64, causal=False, backward=False)
     assert full == 4 * 8 * 1024 * 1024 * 64
     assert bench.attention_flops(1, 8, 1024, 1024, 64, causal=True, backward=True) == full * 1.75
+
+
+def test_the_small_call_section_prints_what_the_operator_layer_costs(capsys):
+    bench.overhead()
+    out = capsys.readouterr().out
+    assert "operator, inputs requiring grad" in out and "us over the implementation" in out
+    assert "forward + backward: ma.attention" in out

@@ -14,7 +14,8 @@ does 2.5 times the forward's (five products), so forward + backward counts 3.5 t
 Sections: the main sweep (causal, float32 and bfloat16, D = 64 and 128, forward and
 forward + backward); a sliding window (w = 256) at T = 4096 and 8192, where the tiled cost
 should grow linearly and SDPA's dense mask quadratically; decoding (one query against a long
-cache); peak memory of forward + backward at T = 16384.
+cache); small calls, where what the operator layer costs shows; peak memory of forward +
+backward at T = 16384.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import maskedattn as ma
 from maskedattn._cbuild import load
 from maskedattn._optional import require
-from maskedattn.attention import Causal, Mask, SlidingWindow, native
+from maskedattn.attention import Causal, Mask, SlidingWindow, lower_call, native, ops
+from maskedattn.attention.lowering import op_args
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -191,6 +194,42 @@ def decoding(args) -> None:
                   f" sdpa {med['sdpa'] * 1e6:7.0f} us, tiled/sdpa {med['tiled'] / med['sdpa']:.2f}")
 
 
+def overhead() -> None:
+    """What the operator layer costs on a call too small for the kernel's work to matter
+    (B 1, H 2, T 4, D 16, causal): each way in, against the kernel's implementation alone."""
+    q, k, v = _inputs(1, 2, 4, 16, torch.float32)
+    plain = [t.detach() for t in (q, k, v)]
+    flat = op_args(lower_call(*plain, Causal()))
+    fwd = ops.FORWARD_OPS["tiled"]
+
+    def best_us(fn: Callable[[], object], n: int = 2000) -> float:
+        for _ in range(n // 10):
+            fn()
+        rounds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            rounds.append((time.perf_counter() - start) / n)
+        return min(rounds) * 1e6
+
+    impl = best_us(lambda: ops._tiled_forward(*plain, *flat))  # what the operator runs
+    rows = {
+        "operator, no gradient": best_us(lambda: fwd(*plain, *flat)),
+        "operator, inputs requiring grad": best_us(lambda: fwd(q, k, v, *flat)),
+        "ma.attention, inputs requiring grad": best_us(lambda: ma.attention(q, k, v, Causal())),
+    }
+    print(f"\nsmall calls: the operator layer, float32, best of 5 x 2000 calls; the kernel's"
+          f" implementation alone {impl:.1f} us")
+    for name, us in rows.items():
+        print(f"{name:>36}: {us:6.1f} us, {us - impl:+6.1f} us over the implementation")
+    both = {"ma.attention": lambda: ma.attention(q, k, v, Causal()).sum().backward(),
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+            .backward()}
+    print("  forward + backward: " + ", ".join(f"{n} {best_us(f, 500):.1f} us"
+                                                 for n, f in both.items()))
+
+
 def peak_memory(args) -> None:
     """Peak resident memory of forward + backward above the inputs, from Linux's VmHWM."""
     t = args.memory_t
@@ -286,6 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window-t", type=int, default=4096, help="window section: T and 2T; 0 skips")
     p.add_argument("--memory-t", type=int, default=16384, help="memory section's T; 0 skips")
     p.add_argument("--no-decoding", action="store_true", help="skip the decoding section")
+    p.add_argument("--no-overhead", action="store_true",
+                   help="skip the small-call section (what the operator layer costs)")
     p.add_argument("--tune", action="store_true", help="also time the kernel's tile sizes")
     p.add_argument("--plot", type=Path, default=Path("bench-out/attention_cpu.png"))
     p.add_argument("--no-plot", action="store_true")
@@ -295,7 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.t, args.d, args.repeat = [128, 256], [64], 1
         args.window_t = args.memory_t = 0
-        args.no_decoding = args.no_plot = True
+        args.no_decoding = args.no_overhead = args.no_plot = True
     return args
 
 
@@ -329,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         window_growth(args)
     if not args.no_decoding:
         decoding(args)
+    if not args.no_overhead:
+        overhead()
     if args.memory_t:
         peak_memory(args)
     if args.tune:
