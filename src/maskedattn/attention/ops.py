@@ -312,7 +312,7 @@ class _EagerFlash(torch.autograd.Function):
         _Flash.setup_context(ctx, (backend, q, k, v, *mask), output)
         return output
 
-    backward = _Flash.backward
+    backward = staticmethod(_Flash.backward)
 
 
 def _flash_apply(backend: str, *args):
