@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import socket
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
+def _entry(rank: int, world: int, rendezvous: str, fn, args) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)
     try:
         fn(rank, world, *args)
@@ -29,11 +23,17 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
-    """Call ``fn(rank, world, *args)`` in ``world`` spawned processes; fail on error or timeout."""
-    ctx = mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")
+    """Call ``fn(rank, world, *args)`` in ``world`` spawned processes; fail on error or timeout.
+
+    The ranks meet in a file store: a TCP port picked free beforehand can be taken by a test
+    running beside this one before rank 0 binds it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        rendezvous = str(Path(tmp) / "rendezvous")
+        ctx = mp.spawn(_entry, args=(world, rendezvous, fn, args), nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")

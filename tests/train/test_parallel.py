@@ -18,7 +18,7 @@ import torch
 
 from maskedattn.model import GPT, GPTConfig
 from maskedattn.train import parallel
-from tests.distributed import free_port, run_ranks
+from tests.distributed import run_ranks
 from tests.train.test_train import TINY_FLAGS, cli, losses, quiet_env
 
 ARGS = ["--task", "induction", "--task-size", "8", *TINY_FLAGS, "--positions", "rope",
@@ -27,11 +27,14 @@ ARGS = ["--task", "induction", "--task-size", "8", *TINY_FLAGS, "--positions", "
 
 
 def torchrun(n: int, *args: str, timeout: float = 180) -> None:
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                    f"--nproc_per_node={n}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "maskedattn", "train",
-                    "--no-progress", *args], check=True, env=quiet_env(), capture_output=True,
-                   timeout=timeout)
+    # --standalone: the agent's store binds a port the OS picks and the ranks share it, so runs
+    # in parallel test workers cannot race for a port found free a moment earlier.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--local-addr=127.0.0.1", f"--nproc_per_node={n}"]
+    done = subprocess.run([*launch, "-m", "maskedattn", "train", "--no-progress", *args],
+                          env=quiet_env(), capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        pytest.fail(f"torchrun exited {done.returncode}:\n{done.stderr[-6000:]}")
 
 
 def assert_same_losses(a: dict, b: dict, steps) -> None:
