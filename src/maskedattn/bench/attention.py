@@ -40,6 +40,7 @@ from maskedattn._cbuild import load
 from maskedattn._optional import require
 from maskedattn.attention import Causal, Mask, SlidingWindow, lower_call, native, ops
 from maskedattn.attention.lowering import op_args
+from maskedattn.bench import count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -312,18 +313,19 @@ def plot(rows: list[dict], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="maskedattn bench attention", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--t", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--t", type=count(), nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--d", type=count(), nargs="+", default=[64, 128])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=5, help="timed rounds (median), after warm-up")
-    p.add_argument("--naive-max-t", type=int, default=4096,
+    p.add_argument("--batch", type=count(), default=1)
+    p.add_argument("--heads", type=count(), default=8)
+    p.add_argument("--repeat", type=count(), default=5, help="timed rounds (median), after warm-up")
+    p.add_argument("--naive-max-t", type=count(0), default=4096,
                    help="longest T for the naive form (its T x T matrices fill memory)")
-    p.add_argument("--window", type=int, default=256, help="sliding window width")
-    p.add_argument("--window-t", type=int, default=4096, help="window section: T and 2T; 0 skips")
-    p.add_argument("--memory-t", type=int, default=16384, help="memory section's T; 0 skips")
+    p.add_argument("--window", type=count(), default=256, help="sliding window width")
+    p.add_argument("--window-t", type=count(0), default=4096,
+                   help="window section: T and 2T; 0 skips")
+    p.add_argument("--memory-t", type=count(0), default=16384, help="memory section's T; 0 skips")
     p.add_argument("--no-decoding", action="store_true", help="skip the decoding section")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the small-call section (what the operator layer costs)")

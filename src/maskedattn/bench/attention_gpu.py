@@ -30,6 +30,7 @@ from maskedattn._optional import require
 from maskedattn.attention import Causal
 from maskedattn.attention import triton as triton_backend
 from maskedattn.attention.lowering import lower_call
+from maskedattn.bench import count
 
 COMPETITORS = ("triton", "sdpa_flash", "flex")
 
@@ -37,15 +38,15 @@ COMPETITORS = ("triton", "sdpa_flash", "flex")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskedattn bench attention_gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384, help="B*T (default 16384)")
-    p.add_argument("--width", type=int, default=2048, help="H*D (default 2048)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+    p.add_argument("--tokens", type=count(), default=16384, help="B*T (default 16384)")
+    p.add_argument("--width", type=count(), default=2048, help="H*D (default 2048)")
+    p.add_argument("--head-dims", type=count(), nargs="+", default=[64, 128])
+    p.add_argument("--lens", type=count(), nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
                    help="sequence lengths T")
     p.add_argument("--masks", nargs="+", choices=["causal", "none"], default=["causal", "none"])
-    p.add_argument("--flex-lens", type=int, nargs="*", default=None,
+    p.add_argument("--flex-lens", type=count(), nargs="*", default=None,
                    help="time FlexAttention only at these T (each compiles; default: all)")
-    p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement")
+    p.add_argument("--rep-ms", type=count(), default=200, help="timing window per measurement")
     p.add_argument("--json", help="also write every row to this JSON file")
     return p
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import gelu
+from . import count
 
 
 def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table."""
     p = argparse.ArgumentParser(prog="maskedattn bench gelu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=3072, help="tokens (batch x context)")
-    p.add_argument("--width", type=int, default=1536, help="the MLP's hidden width")
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rows", type=count(), default=3072, help="tokens (batch x context)")
+    p.add_argument("--width", type=count(), default=1536, help="the MLP's hidden width")
+    p.add_argument("--repeats", type=count(), default=30)
+    p.add_argument("--warmup", type=count(0), default=5)
+    p.add_argument("--threads", type=count(), default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ from .._optional import require
 from ..generate import generate, prefill
 from ..model import GPT, GPTConfig
 from ..model.gemv import native_status
+from . import count
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2", help="model preset (default gpt2, 124M)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
-    p.add_argument("--prompt", type=int, default=16, help="prompt tokens when decoding")
-    p.add_argument("--new", type=int, default=128, help="new tokens when decoding")
-    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill test")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prompt", type=count(), default=16, help="prompt tokens when decoding")
+    p.add_argument("--new", type=count(), default=128, help="new tokens when decoding")
+    p.add_argument("--prefill", type=count(), default=512, help="prompt tokens of the prefill test")
+    p.add_argument("--repeats", type=count(), default=5, help="timed runs per measurement")
+    p.add_argument("--threads", type=count(), default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="our decoding through torch.compile (generate(compile=True)); the"
                    " compile happens in the untimed first run")

@@ -27,6 +27,7 @@ import torch
 
 from .._optional import require
 from ..integrations.transformers import register
+from . import count
 from .generate import _dtype, _name
 
 _IMPLS = ("maskedattn", "sdpa", "eager")
@@ -91,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default="llama,gpt2", help="comma-separated: llama, gpt2")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     p.add_argument("--lengths", default="1024,2048,4096", help="prefill lengths")
-    p.add_argument("--eager-max", type=int, default=2048,
+    p.add_argument("--eager-max", type=count(0), default=2048,
                    help="time eager only up to this length (default 2048)")
-    p.add_argument("--context", type=int, default=2048,
+    p.add_argument("--context", type=count(0), default=2048,
                    help="prompt tokens before decoding (0: no decode test)")
-    p.add_argument("--new", type=int, default=16, help="tokens decoded in the decode test")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    p.add_argument("--new", type=count(), default=16, help="tokens decoded in the decode test")
+    p.add_argument("--repeats", type=count(), default=3, help="timed runs per measurement")
     p.add_argument("--floor", action="store_true",
                    help="also time prefill with attention replaced by zeros: the bound on"
                    " what any attention backend can reach")
-    p.add_argument("--viz", type=int, default=0, metavar="T",
+    p.add_argument("--viz", type=count(0), default=0, metavar="T",
                    help="instead: time capture_attention of every row of a T-token input on"
                    " gpt2 (12 layers, 12 heads) and writing its HTML page")
     p.add_argument("--quick", action="store_true",

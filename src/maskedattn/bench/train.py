@@ -58,6 +58,7 @@ from torch import nn
 
 from .._errors import Failure
 from ..model import GPT, GPTConfig
+from . import count
 
 NANOGPT_ENV = "MASKEDATTN_NANOGPT"  # path of nanoGPT's model.py, if --nanogpt is not given
 
@@ -282,16 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     """Print the throughput table."""
     p = argparse.ArgumentParser(prog="maskedattn bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=384)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary (bytes: 256)")
+    p.add_argument("--n-layer", type=count(), default=6)
+    p.add_argument("--n-head", type=count(), default=6)
+    p.add_argument("--n-embd", type=count(), default=384)
+    p.add_argument("--context", type=count(), default=256)
+    p.add_argument("--batch", type=count(), default=12)
+    p.add_argument("--vocab", type=count(), default=256, help="vocabulary (bytes: 256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: both models under torch.autocast")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=count(), default=10)
+    p.add_argument("--warmup", type=count(0), default=3)
     p.add_argument("--nanogpt", default=os.environ.get(NANOGPT_ENV),
                    help=f"path of nanoGPT's model.py, the competitor (default: ${NANOGPT_ENV};"
                         " without it: PlainGPT, the same model written plainly)")
@@ -303,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
                    help="the MLP's GELU in both models: exact (erf; nanoGPT's, PyTorch's"
                         " default) or tanh (GPT-2's approximation; PlainGPT only)")
-    p.add_argument("--processes", type=int, default=0, metavar="ROUNDS",
+    p.add_argument("--processes", type=count(0), default=0, metavar="ROUNDS",
                    help="time each model alone in fresh processes, ROUNDS rounds interleaved"
                         " (default 0: both in this process, timed alternately; see above)")
     p.add_argument("--heap", choices=["system", "keep"], default="system",
                    help="keep: glibc keeps freed memory instead of handing it back to the"
                         " system, so no step pays page faults for memory an earlier one"
                         " returned (default system: glibc's own choice; see above)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=count(), default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time each step by this process's CPU time (all threads), for a"
                         " busy shared machine; best with --threads 1")
