@@ -28,7 +28,8 @@ ARGS = ["--task", "induction", "--task-size", "8", *TINY_FLAGS, "--positions", "
 
 def torchrun(n: int, *args: str, timeout: float = 180) -> None:
     # --standalone: the agent's store binds a port the OS picks and the ranks share it, so runs
-    # in parallel test workers cannot race for a port found free a moment earlier.
+    # in parallel test workers cannot race for a port found free a moment earlier; the ranks
+    # reach it at 127.0.0.1 rather than at whatever this host's name resolves to.
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               "--local-addr=127.0.0.1", f"--nproc_per_node={n}"]
     done = subprocess.run([*launch, "-m", "maskedattn", "train", "--no-progress", *args],
