@@ -1,5 +1,7 @@
 """generate() and stream(): equal to recomputation, batching, sampling settings, stops, errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -96,6 +98,51 @@ def test_sample_settings_on_hand_made_logits():
     assert draws == {0, 1}
     low = {int(sample(wide, SamplingSettings(temperature=0.01), g)) for _ in range(50)}
     assert low == {0}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_draws_follow_the_softmax(temperature):
+    # 20000 seeded draws: each token's frequency within 5 standard errors of its exact
+    # probability, and tokens of probability 0 (logit -inf) never drawn.
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 1.0, -inf, 0.3, 2.0, -1.0, -inf]])
+    n = 20000
+    g = torch.Generator().manual_seed(7)
+    tokens = sample(logits.expand(n, -1), SamplingSettings(temperature=temperature), [g] * n)
+    freq = torch.bincount(tokens, minlength=logits.shape[-1]).double() / n
+    probs = torch.softmax(logits[0].double() / temperature, dim=-1)
+    assert torch.all((freq - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt())
+
+
+def test_sampling_runs_serially_and_restores_the_thread_count(monkeypatch):
+    gen = importlib.import_module("maskedattn.generate")  # the package's name is the function
+    seen = []
+    draw = gen._draw
+    monkeypatch.setattr(gen, "_draw", lambda *a: (seen.append(torch.get_num_threads()),
+                                                  draw(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sample(torch.zeros(1, 5), SamplingSettings())
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            sample(torch.full((1, 5), float("nan")), SamplingSettings())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_nan_logits_are_refused(temperature):
+    # Before: sampling failed inside torch.multinomial, and greedy decoding picked a token.
+    logits = torch.tensor([[0.5, float("nan"), 0.1]])
+    with pytest.raises(ValueError, match="hold NaN"):
+        sample(logits, SamplingSettings(temperature=temperature))
+
+
+def test_a_row_with_no_possible_token_is_refused():
+    with pytest.raises(ValueError, match="not finite or all zero"):
+        sample(torch.full((1, 4), float("-inf")), SamplingSettings())
 
 
 def test_zero_new_tokens_and_tensor_prompts():

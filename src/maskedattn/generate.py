@@ -20,6 +20,7 @@ past its own length, so each row gets exactly the tokens it would get alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -190,9 +191,39 @@ def sample(logits: Tensor, settings: SamplingSettings,
     """Choose one token per row from ``logits`` (B, V); returns (B,) ids.
 
     ``seen`` (B, V) bool marks the tokens the repetition penalty applies to. ``generators`` holds
-    one random generator per row (None entries use torch's global one).
+    one random generator per row (None entries use torch's global one). Each row's token is
+    drawn by inverse transform sampling: one uniform number from the row's generator, located
+    in the running sum of the row's probabilities.
     """
+    with _serial(logits.device):
+        return _sample(logits, settings, generators, seen)
+
+
+@contextlib.contextmanager
+def _serial(device: torch.device) -> Iterator[None]:
+    # A row of logits is a few ten thousand values, just above torch's grain for splitting an
+    # element-wise op over its OpenMP threads. Split, each op wakes a worker that then spins
+    # on the core the GEMV's helper needs for the next token's products: on 2 cores sampling
+    # cost 7 ms a GPT-2 token, serial it costs well under one (BENCHMARKS.md). torch's count
+    # is the process's: another thread's torch calls in these microseconds run serial too.
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(logits: Tensor, settings: SamplingSettings,
+            generators: Sequence[torch.Generator | None] | None,
+            seen: Tensor | None) -> Tensor:
     logits = logits.float()
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("the logits to sample from hold NaN: check the model's weights and"
+                         " inputs (a diverged checkpoint, or NaN in a tensor it was given)")
     if seen is not None and settings.repetition_penalty != 1.0:
         p = settings.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
@@ -216,9 +247,29 @@ def sample(logits: Tensor, settings: SamplingSettings,
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(before >= settings.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    generators = generators or [None] * probs.shape[0]
-    return torch.cat([torch.multinomial(row, 1, generator=g)
-                      for row, g in zip(probs, generators, strict=True)])
+    return _draw(probs, generators or [None] * probs.shape[0])
+
+
+def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One index per row of ``probs`` (B, V), row i with probability probs[i] / probs[i].sum().
+
+    One float64 uniform per row, scaled by the row's total, finds its token in the row's
+    running sum: one pass over the row, where ``torch.multinomial`` draws V exponentials
+    (a millisecond for GPT-2's vocabulary). The running sum is float64 so that its rounding
+    (about V ulps) moves no token's probability by more than ~1e-12.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("a row of probabilities to sample from is not finite or all zero:"
+                         " its logits are all -inf or one is +inf")
+    u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=probs.device)
+                   for g in generators]) * total
+    # Below the total, however u rounds: a token after the last likely one is never chosen.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    # Token i is the one whose interval [cdf[i-1], cdf[i]) holds u: tokens of probability 0
+    # have empty intervals.
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 # -- checks ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from maskedattn.bench import attention, attention_gpu, gelu, generate, hf, train
 CASES = [
     (generate, ["--prefill", "0"], "--prefill: must be at least 1, got 0"),  # was a KVCache error
     (generate, ["--repeats", "-1"], "--repeats: must be at least 1, got -1"),
+    (generate, ["--sample", "0"], "--sample: must be a number above 0, got '0'"),
     (train, ["--repeats", "0"], "--repeats: must be at least 1, got 0"),  # was "no median"
     (train, ["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
     (train, ["--batch", "two"], "--batch: an integer is expected, got 'two'"),

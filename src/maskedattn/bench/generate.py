@@ -5,7 +5,9 @@ For each dtype it times, in one run and interleaved (median of ``--repeats`` aft
 - decoding: a ``--prompt``-token prompt continued by ``--new`` tokens, batch 1, greedy,
   end to end (prefill included) for both libraries; tokens per second;
 - prefill: one ``--prefill``-token prompt through the model, filling the KV cache and taking
-  the last position's logits (``transformers``: ``use_cache=True, logits_to_keep=1``).
+  the last position's logits (``transformers``: ``use_cache=True, logits_to_keep=1``);
+- with ``--sample T``, decoding again by sampling at temperature T from the whole vocabulary
+  (seeded; the tokens differ between the libraries, whose random streams differ).
 
 Decoding one token reads every weight once, so memory bandwidth sets a floor on its time:
 the table shows the bandwidth measured in the same run (a streaming sum over a buffer larger
@@ -15,6 +17,7 @@ than the caches) and the fraction of that floor each library reaches.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=count(), default=512, help="prompt tokens of the prefill test")
     p.add_argument("--repeats", type=count(), default=5, help="timed runs per measurement")
     p.add_argument("--threads", type=count(), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sample", type=_temperature, default=None, metavar="T",
+                   help="also time decoding by sampling at temperature T (> 0), no top-k or"
+                        " top-p (default: greedy decoding only)")
     p.add_argument("--compile", action="store_true",
                    help="our decoding through torch.compile (generate(compile=True)); the"
                    " compile happens in the untimed first run")
@@ -84,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
                                       do_sample=False, pad_token_id=0)
             return out[0, args.prompt :].tolist()
 
+        def ours_sampled(ours=ours):
+            return generate(ours, prompt, args.new, temperature=args.sample, seed=0,
+                            compile=args.compile)
+
+        def theirs_sampled(theirs=theirs):
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                theirs.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                max_new_tokens=args.new, min_new_tokens=args.new,
+                                do_sample=True, temperature=args.sample, top_k=0, top_p=1.0,
+                                pad_token_id=0)
+
         def ours_prefill(ours=ours):
             with torch.inference_mode():
                 prefill(ours, long_prompt.tolist(), ours.new_cache(1, args.prefill))
@@ -96,17 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         t_ours, t_theirs = _interleaved(ours_decode, theirs_decode, args.repeats)
         # The machine may be busier at one moment than another: keep the best rate seen.
         bandwidth = max(bandwidth, _bandwidth(probe))
-        decode.append((dtype, args.new / t_ours, args.new / t_theirs, weight_bytes, same))
+        decode.append(("decode", dtype, args.new / t_ours, args.new / t_theirs, weight_bytes,
+                       "same tokens" if same else "TOKENS DIFFER"))
+        if args.sample is not None:
+            t_ours, t_theirs = _interleaved(ours_sampled, theirs_sampled, args.repeats)
+            decode.append(("sampled", dtype, args.new / t_ours, args.new / t_theirs,
+                           weight_bytes, f"temperature {args.sample:g}"))
         p_ours, p_theirs = _interleaved(ours_prefill, theirs_prefill, args.repeats)
         rows.append((f"{_name(dtype)} prefill {args.prefill} ms", 1e3 * p_ours, 1e3 * p_theirs,
                      p_ours / p_theirs, "", ""))
-    for dtype, ours_rate, theirs_rate, weight_bytes, same in decode:
+    for kind, dtype, ours_rate, theirs_rate, weight_bytes, check in decode:
         floor = bandwidth / weight_bytes  # tokens/s if the weights streamed at that rate
-        rows.append((f"{_name(dtype)} decode tok/s", ours_rate, theirs_rate,
+        rows.append((f"{_name(dtype)} {kind} tok/s", ours_rate, theirs_rate,
                      theirs_rate / ours_rate,
                      f"{ours_rate / floor:.0%} / {theirs_rate / floor:.0%} of {floor:.0f}",
-                     "same tokens" if same else "TOKENS DIFFER"))
-    _print(sorted(rows, key=lambda r: "decode" not in r[0]), config, args, bandwidth)
+                     check))
+    _print(sorted(rows, key=lambda r: "prefill" in r[0]), config, args, bandwidth)
     return 0
 
 
@@ -114,6 +137,17 @@ def _dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"--dtypes: unknown dtype {name!r}; choose from {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def _temperature(text: str) -> float:
+    """argparse type: a finite temperature above 0 (0 would be the greedy row again)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -146,7 +180,8 @@ def _bandwidth(nbytes: int) -> float:
 
 
 def _print(rows, config: GPTConfig, args, bandwidth: float) -> None:
-    print(f"greedy generation, {args.preset} ({config.n_layer} layers, C={config.n_embd},"
+    kinds = "greedy" if args.sample is None else f"greedy and sampled (T={args.sample:g})"
+    print(f"{kinds} generation, {args.preset} ({config.n_layer} layers, C={config.n_embd},"
           f" V={config.vocab_size}), batch 1, prompt {args.prompt}, {args.new} new tokens;"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads; median of"
           f" {args.repeats}{'; ours compiled' if args.compile else ''}")
