@@ -114,6 +114,20 @@ def test_draws_follow_the_softmax(temperature):
     assert torch.all((freq - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt())
 
 
+@pytest.mark.parametrize("vocab", [50, 3000, 50257])
+@pytest.mark.parametrize("sharpness", [0.1, 3.0, 12.0])  # nucleus: most of the row ... a few
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_top_p_keeps_what_a_full_sort_keeps(vocab, sharpness, top_p):
+    gen = importlib.import_module("maskedattn.generate")
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.softmax(torch.randn(3, vocab, generator=g) * sharpness, dim=-1)
+    # The definition: sorted, a token is dropped when the likelier ones reach top_p.
+    ranked, order = probs.sort(dim=-1, descending=True)
+    ranked = ranked.masked_fill(ranked.cumsum(dim=-1) - ranked >= top_p, 0.0)
+    want = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    assert torch.equal(gen._top_p(probs, top_p), want)
+
+
 def test_sampling_runs_serially_and_restores_the_thread_count(monkeypatch):
     gen = importlib.import_module("maskedattn.generate")  # the package's name is the function
     seen = []

@@ -242,12 +242,34 @@ def _sample(logits: Tensor, settings: SamplingSettings,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if settings.top_p is not None and settings.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the more likely tokens before it already reach top_p.
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= settings.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = _top_p(probs, settings.top_p)
     return _draw(probs, generators or [None] * probs.shape[0])
+
+
+#: How many of the likeliest tokens top-p sampling first looks at; beyond ~1000, ``topk`` on
+#: GPT-2's vocabulary costs several times more.
+_NUCLEUS_GUESS = 768
+
+
+def _top_p(probs: Tensor, p: float) -> Tensor:
+    """``probs`` (B, V) with every token dropped whose more likely tokens already reach ``p``.
+
+    The likeliest tokens come from ``topk`` when its :data:`_NUCLEUS_GUESS` hold the whole
+    nucleus (their running sum reaches p in every row), else from a full sort: a trained
+    model's nucleus is often that small, and sorting GPT-2's vocabulary costs 4 ms a token
+    against 0.1-0.2 ms for the ``topk`` (BENCHMARKS.md). Either way the kept values are the
+    full sort's: the running sum of the likeliest tokens is computed in the same order.
+    """
+    fits = _NUCLEUS_GUESS < probs.shape[-1]
+    if fits:
+        top, order = probs.topk(_NUCLEUS_GUESS, dim=-1)
+        running = top.cumsum(dim=-1)
+        fits = bool((running[:, -1] >= p).all())
+    if not fits:
+        top, order = probs.sort(dim=-1, descending=True)
+        running = top.cumsum(dim=-1)
+    top = top.masked_fill(running - top >= p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, top)
 
 
 def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
