@@ -204,7 +204,7 @@ def _serial(device: torch.device) -> Iterator[None]:
     # A row of logits is a few ten thousand values, just above torch's grain for splitting an
     # element-wise op over its OpenMP threads. Split, each op wakes a worker that then spins
     # on the core the GEMV's helper needs for the next token's products: on 2 cores sampling
-    # cost 7 ms a GPT-2 token, serial it costs well under one (BENCHMARKS.md). torch's count
+    # cost 7-10 ms a GPT-2 token, serial it costs well under one (BENCHMARKS.md). torch's count
     # is the process's: another thread's torch calls in these microseconds run serial too.
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
