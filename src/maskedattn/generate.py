@@ -260,7 +260,7 @@ def _top_p(probs: Tensor, p: float) -> Tensor:
     against 0.1-0.2 ms for the ``topk`` (BENCHMARKS.md). Either way the kept values are the
     full sort's: the running sum of the likeliest tokens is computed in the same order.
     """
-    fits = _NUCLEUS_GUESS < probs.shape[-1]
+    fits = probs.shape[-1] > _NUCLEUS_GUESS
     if fits:
         top, order = probs.topk(_NUCLEUS_GUESS, dim=-1)
         running = top.cumsum(dim=-1)
