@@ -128,7 +128,7 @@ def test_top_p_keeps_what_a_full_sort_keeps(vocab, sharpness, top_p):
     assert torch.equal(gen._top_p(probs, top_p), want)
 
 
-def test_sampling_runs_serially_and_restores_the_thread_count(monkeypatch):
+def test_one_row_samples_serially_and_the_thread_count_is_restored(monkeypatch):
     gen = importlib.import_module("maskedattn.generate")  # the package's name is the function
     seen = []
     draw = gen._draw
@@ -139,6 +139,8 @@ def test_sampling_runs_serially_and_restores_the_thread_count(monkeypatch):
     try:
         sample(torch.zeros(1, 5), SamplingSettings())
         assert seen == [1] and torch.get_num_threads() == 2
+        sample(torch.zeros(3, 5), SamplingSettings())  # rows: torch splits their sorts by row
+        assert seen == [1, 2]
         with pytest.raises(ValueError):
             sample(torch.full((1, 5), float("nan")), SamplingSettings())
         assert torch.get_num_threads() == 2

@@ -195,19 +195,21 @@ def sample(logits: Tensor, settings: SamplingSettings,
     drawn by inverse transform sampling: one uniform number from the row's generator, located
     in the running sum of the row's probabilities.
     """
-    with _serial(logits.device):
+    with _serial(logits):
         return _sample(logits, settings, generators, seen)
 
 
 @contextlib.contextmanager
-def _serial(device: torch.device) -> Iterator[None]:
-    # A row of logits is a few ten thousand values, just above torch's grain for splitting an
-    # element-wise op over its OpenMP threads. Split, each op wakes a worker that then spins
-    # on the core the GEMV's helper needs for the next token's products: on 2 cores sampling
-    # cost 7-10 ms a GPT-2 token, serial it costs well under one (BENCHMARKS.md). torch's count
-    # is the process's: another thread's torch calls in these microseconds run serial too.
+def _serial(logits: Tensor) -> Iterator[None]:
+    # One row of logits is a few ten thousand values, just above torch's grain for splitting
+    # an element-wise op over its OpenMP threads (its softmax, sort and running sums are never
+    # split: torch splits those by row). Split, each op wakes a worker that then spins on the
+    # core the GEMV's helper needs for the next token's products: on 2 cores sampling cost
+    # 7-10 ms a GPT-2 token, serial well under one. Several rows gain from the threads (top-p
+    # sorts row by row), so they keep them (BENCHMARKS.md). torch's count is the process's:
+    # another thread's torch calls in these microseconds run serial too.
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if logits.device.type != "cpu" or logits.shape[0] != 1 or threads == 1:
         yield
         return
     torch.set_num_threads(1)
