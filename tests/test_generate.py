@@ -17,6 +17,7 @@ CONFIGS = {
                        tie_weights=False),
 }
 PROMPTS = [[5, 17, 3, 40, 2, 9, 33], [7], [60, 1, 1, 2]]
+GEN = importlib.import_module("maskedattn.generate")  # `maskedattn.generate` is the function
 
 
 def make(name="gpt2-like", dtype=torch.float32):
@@ -118,21 +119,19 @@ def test_draws_follow_the_softmax(temperature):
 @pytest.mark.parametrize("sharpness", [0.1, 3.0, 12.0])  # nucleus: most of the row ... a few
 @pytest.mark.parametrize("top_p", [0.5, 0.95])
 def test_top_p_keeps_what_a_full_sort_keeps(vocab, sharpness, top_p):
-    gen = importlib.import_module("maskedattn.generate")
     g = torch.Generator().manual_seed(vocab)
     probs = torch.softmax(torch.randn(3, vocab, generator=g) * sharpness, dim=-1)
     # The definition: sorted, a token is dropped when the likelier ones reach top_p.
     ranked, order = probs.sort(dim=-1, descending=True)
     ranked = ranked.masked_fill(ranked.cumsum(dim=-1) - ranked >= top_p, 0.0)
     want = torch.zeros_like(probs).scatter_(-1, order, ranked)
-    assert torch.equal(gen._top_p(probs, top_p), want)
+    assert torch.equal(GEN._top_p(probs, top_p), want)
 
 
 def test_one_row_samples_serially_and_the_thread_count_is_restored(monkeypatch):
-    gen = importlib.import_module("maskedattn.generate")  # the package's name is the function
     seen = []
-    draw = gen._draw
-    monkeypatch.setattr(gen, "_draw", lambda *a: (seen.append(torch.get_num_threads()),
+    draw = GEN._draw
+    monkeypatch.setattr(GEN, "_draw", lambda *a: (seen.append(torch.get_num_threads()),
                                                   draw(*a))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)

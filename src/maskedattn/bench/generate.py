@@ -17,6 +17,7 @@ than the caches) and the fraction of that floor each library reaches.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import tempfile
@@ -80,27 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
 
-        def ours_decode(ours=ours):
-            return generate(ours, prompt, args.new, temperature=0, compile=args.compile)[0]
+        def ours_decode(ours=ours, temperature=0.0, seed=None):
+            return generate(ours, prompt, args.new, temperature=temperature, seed=seed,
+                            compile=args.compile)[0]
 
-        def theirs_decode(theirs=theirs):
+        def theirs_decode(theirs=theirs, **sampling):
+            torch.manual_seed(0)  # for sampling; greedy draws nothing
             with torch.inference_mode():
                 out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt),
                                       max_new_tokens=args.new, min_new_tokens=args.new,
-                                      do_sample=False, pad_token_id=0)
+                                      pad_token_id=0, **(sampling or {"do_sample": False}))
             return out[0, args.prompt :].tolist()
-
-        def ours_sampled(ours=ours):
-            return generate(ours, prompt, args.new, temperature=args.sample, seed=0,
-                            compile=args.compile)
-
-        def theirs_sampled(theirs=theirs):
-            torch.manual_seed(0)
-            with torch.inference_mode():
-                theirs.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                max_new_tokens=args.new, min_new_tokens=args.new,
-                                do_sample=True, temperature=args.sample, top_k=0, top_p=1.0,
-                                pad_token_id=0)
 
         def ours_prefill(ours=ours):
             with torch.inference_mode():
@@ -117,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         decode.append(("decode", dtype, args.new / t_ours, args.new / t_theirs, weight_bytes,
                        "same tokens" if same else "TOKENS DIFFER"))
         if args.sample is not None:
-            t_ours, t_theirs = _interleaved(ours_sampled, theirs_sampled, args.repeats)
+            t_ours, t_theirs = _interleaved(
+                functools.partial(ours_decode, temperature=args.sample, seed=0),
+                functools.partial(theirs_decode, do_sample=True, temperature=args.sample,
+                                  top_k=0, top_p=1.0),
+                args.repeats)
             decode.append(("sampled", dtype, args.new / t_ours, args.new / t_theirs,
                            weight_bytes, f"temperature {args.sample:g}"))
         p_ours, p_theirs = _interleaved(ours_prefill, theirs_prefill, args.repeats)
