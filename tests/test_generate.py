@@ -147,12 +147,22 @@ def test_one_row_samples_serially_and_the_thread_count_is_restored(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("temperature", [0, 1.0])
-def test_nan_logits_are_refused(temperature):
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(temperature=0), SamplingSettings(temperature=1.0),
+    SamplingSettings(temperature=0, repetition_penalty=1.3),
+    SamplingSettings(temperature=0.7, top_k=2, top_p=0.9, repetition_penalty=0.5),
+])
+@pytest.mark.parametrize("row", [
+    [0.5, float("nan"), 0.1], [float("nan"), -1.0, 2.0], [float("inf"), 0.0, float("nan")],
+    [float("-inf"), float("nan"), float("-inf")], [float("nan")] * 3,
+])
+def test_nan_logits_are_refused(settings, row):
     # Before: sampling failed inside torch.multinomial, and greedy decoding picked a token.
-    logits = torch.tensor([[0.5, float("nan"), 0.1]])
+    # Now the row maxima are screened: a NaN anywhere in a row must be one, in any batch row.
+    logits = torch.tensor([[0.0, 1.0, 2.0], row])
+    seen = torch.tensor([[False, True, False], [True, True, False]])
     with pytest.raises(ValueError, match="hold NaN"):
-        sample(logits, SamplingSettings(temperature=temperature))
+        sample(logits, settings, seen=seen)
 
 
 def test_a_row_with_no_possible_token_is_refused():

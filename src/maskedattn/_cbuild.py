@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -70,7 +71,12 @@ _BY_NAME = {s.name: s for s in INSTRUCTION_SETS}
 def requested_instruction_set() -> str | None:
     """What ``MASKEDATTN_NATIVE`` asks for: "auto", an instruction set's name, or None (no
     native kernels). Raises ``ValueError`` naming the variable for any other value."""
-    value = os.environ.get("MASKEDATTN_NATIVE", "auto").strip().lower()
+    return _parse_request(os.environ.get("MASKEDATTN_NATIVE", "auto"))
+
+
+@functools.cache  # read on every attention call, and the variable rarely changes
+def _parse_request(raw: str) -> str | None:
+    value = raw.strip().lower()
     if value in ("", "1", "auto"):
         return "auto"
     if value == "0":

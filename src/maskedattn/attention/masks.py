@@ -134,6 +134,8 @@ class MaskRule:
 
     def to(self, device: torch.device) -> MaskRule:
         """The same rule with its tensors on ``device``."""
+        if self.lengths is None and self.documents is None and self.dense is None:
+            return self  # the usual case, and a decoding step's: no tensor to look at
         move = {
             name: t.to(device)
             for name in ("lengths", "documents", "dense")
@@ -521,10 +523,13 @@ def _as_int_tensor(x: Tensor | Sequence[int], what: str) -> Tensor:
     return t.to(torch.int64)
 
 
+_NO_MASK = MaskRule()  # frozen, so one instance serves every unmasked call
+
+
 def as_rule(mask: Mask | Tensor | None) -> MaskRule:
     """Turn what ``attention(mask=...)`` accepts into a :class:`MaskRule`."""
     if mask is None:
-        return MaskRule()
+        return _NO_MASK
     if isinstance(mask, MaskRule):
         return mask
     if isinstance(mask, Tensor):

@@ -78,7 +78,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, T
 
 
 def _native_unbuildable() -> bool:
-    return native.requested_variant() is not None and native.kernel() is None
+    return native.kernel() is None and native.requested_variant() is not None
 
 
 # -- the pure-torch twin -----------------------------------------------------------------------
