@@ -37,3 +37,4 @@ def test_the_small_call_section_prints_what_the_operator_layer_costs(capsys):
     out = capsys.readouterr().out
     assert "operator, inputs requiring grad" in out and "us over the implementation" in out
     assert "forward + backward: ma.attention" in out
+    assert "a decoding call" in out and "sdpa" in out.split("a decoding call")[1]

@@ -229,6 +229,13 @@ def overhead() -> None:
             .backward()}
     print("  forward + backward: " + ", ".join(f"{n} {best_us(f, 500):.1f} us"
                                                  for n, f in both.items()))
+    # A decoding step's call: one query against a cache, no gradient, as GPT-2 makes 12 a token.
+    q1, k1, v1 = (t.detach() for t in _inputs(1, 12, 64, 64, torch.float32, tq=1))
+    with torch.no_grad():
+        decode = {"ma.attention": lambda: ma.attention(q1, k1, v1),
+                  "sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1)}
+        print("  a decoding call (H 12, 1 query, 64 keys, D 64, no gradient): "
+              + ", ".join(f"{n} {best_us(f):.1f} us" for n, f in decode.items()))
 
 
 def peak_memory(args) -> None:
