@@ -58,3 +58,30 @@ def test_bad_updates_are_clear_errors():
         cache.update(torch.zeros(2, dtype=torch.long), ok, ok)
     with pytest.raises(ValueError, match="max_len must be an integer >= 1"):
         KVCache(1, 1, 0, 4)
+
+
+@pytest.mark.parametrize("positions", [[[-1]], [[10]], [[3], [-2]], [[0], [10]], [[4, 11]]])
+def test_positions_outside_the_cache_are_refused(positions):
+    # Before: advanced indexing wrote a negative position at the end of the cache, silently.
+    positions = torch.tensor(positions)
+    cache = KVCache(2, 3, 10, 4)
+    new = torch.ones(2, 3, positions.shape[1], 4)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 10\)"):
+        cache.update(positions, new, new)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_writes_match_advanced_indexing(rows):
+    # The writes (index_copy_ for one row of positions, a scatter otherwise) against the
+    # indexing they replaced, on strided inputs as a model's projection gives them.
+    g = torch.Generator().manual_seed(3)
+    positions = torch.tensor([[2, 7, 5]]) if rows == 1 else torch.tensor([[2, 7, 5], [0, 1, 9]])
+    proj = torch.randn(2, 3, 3, 3 * 4, generator=g)  # (B, T, Hkv, 3 D): views of a projection
+    k, v = proj[..., 4:8].transpose(1, 2), proj[..., 8:].transpose(1, 2)  # (B, Hkv, T, D)
+    cache = KVCache(2, 3, 10, 4)
+    k_all, v_all = cache.update(positions, k, v)
+    want_k, want_v = torch.zeros(2, 3, 10, 4), torch.zeros(2, 3, 10, 4)
+    batch = torch.arange(2)[:, None]
+    want_k[batch, :, positions] = k.transpose(1, 2)
+    want_v[batch, :, positions] = v.transpose(1, 2)
+    assert torch.equal(k_all, want_k) and torch.equal(v_all, want_v)
