@@ -82,9 +82,9 @@ class KVCache:
         return self.k, self.v
 
     def _write(self, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        # Both ways refuse a position outside [0, max_len), where advanced indexing wrapped a
-        # negative one around. One row of positions serves every batch row (decoding one
-        # sequence, prefill): index_copy_, half the time of the scatter.
+        # Both ways refuse a position outside [0, max_len) (advanced indexing would wrap a
+        # negative one around). One row of positions serves every batch row (decoding one
+        # sequence, prefill): index_copy_, in half the time of a scatter.
         if positions.shape[0] == 1:
             self.k.index_copy_(2, positions[0], k)
             self.v.index_copy_(2, positions[0], v)
