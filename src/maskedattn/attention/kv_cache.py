@@ -54,6 +54,9 @@ class KVCache:
         Returns:
             the buffers ``(k, v)``, (B, Hkv, S, D); the caller reads the first n positions
             (``k[:, :, :n]``), n being the longest row's length.
+
+        Raises ``ValueError`` for a shape that does not fit the cache or a position outside
+        [0, max_len), ``TypeError`` for a dtype other than the cache's.
         """
         b, h, _, d = self.k.shape
         t = k.shape[2] if k.dim() == 4 else -1
