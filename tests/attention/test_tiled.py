@@ -186,6 +186,21 @@ def test_tile_sizes_match_reference(blocks):
         assert relative_error(lse[finite], ref_lse[finite]) < 1e-5
 
 
+@pytest.mark.parametrize("tq", [1, 5, 113])
+def test_native_forward_without_the_lse_gives_the_same_output(tq):
+    # Eager inference that does not ask for the LSE passes the kernel no LSE buffer.
+    kernel = native.kernel()
+    if kernel is None:
+        pytest.skip("no native kernel on this machine")
+    q, k, v = random_qkv(2, 6, 2, tq, 130, 64)
+    call = lower_call(q, k, v, Causal() & Padding(torch.tensor([130, 77])))
+    out, lse = tiled.forward_native(kernel, q, k, v, call)
+    bare, none = tiled.forward_native(kernel, q, k, v, call, lse=False)
+    assert none is None and lse.shape == (2, 6, tq) and torch.equal(out, bare)
+    with torch.no_grad():
+        assert torch.equal(ma.attention(q, k, v, call.rule, backend="tiled"), out)
+
+
 MASK_KINDS = ["none", "causal", "window", "prefix", "padding", "documents", "dense"]
 
 

@@ -63,13 +63,13 @@ def _tiled_forward(q: Tensor, k: Tensor, v: Tensor, *mask) -> tuple[Tensor, Tens
     return _tiled_forward_call(q, k, v, call_from_op_args(q, k, OpArgs(*mask)))
 
 
-def _tiled_forward_call(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall
-                        ) -> tuple[Tensor, Tensor]:
+def _tiled_forward_call(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
+                        lse: bool = True) -> tuple[Tensor, Tensor | None]:
     from . import native, tiled
 
     kernel = native.kernel()
     if kernel is not None:
-        return tiled.forward_native(kernel, q, k, v, call)
+        return tiled.forward_native(kernel, q, k, v, call, lse=lse)
     return tiled.forward_torch(q, k, v, call)
 
 
@@ -236,10 +236,11 @@ FORWARD_OPS = {"tiled": _tiled_fwd, "triton": _triton_fwd}
 
 
 def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs,
-                  call: AttentionCall | None = None) -> tuple[Tensor, Tensor]:
+                  call: AttentionCall | None = None) -> tuple[Tensor, Tensor | None]:
     """(out, lse) of ``backend``'s forward operator, differentiable through its backward.
 
-    ``call``, if given, is the call that ``args`` were lowered from.
+    ``call``, if given, is the call that ``args`` were lowered from; in eager inference a call
+    that does not ask for the LSE gets None for it (the native kernel then skips writing it).
     """
     if backend == "tiled" and _plain_inference(q, k, v, *args):
         # Eager CPU inference (decoding calls this once per layer and token): the operator's
@@ -247,7 +248,7 @@ def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs,
         # call itself rather than one rebuilt from its arguments.
         if call is None:
             call = call_from_op_args(q, k, args)
-        return _tiled_forward_call(q, k, v, call)
+        return _tiled_forward_call(q, k, v, call, lse=call.return_lse)
     if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
                                               or _needs_grad((q, k, v, *args))):
         return _flash_apply(backend, q, k, v, *args)  # the operator's autograd, one hop less

@@ -278,17 +278,21 @@ def _args(call: AttentionCall, blocks: tuple[int, int], keep: list[Tensor]) -> n
 
 
 def forward_native(kernel: native.Kernel, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
-                   blocks: tuple[int, int] = FORWARD_BLOCKS) -> tuple[Tensor, Tensor]:
-    """The forward of the native kernel: (output in q's dtype, lse float32 (B, Hq, Tq))."""
+                   blocks: tuple[int, int] = FORWARD_BLOCKS, *, lse: bool = True
+                   ) -> tuple[Tensor, Tensor | None]:
+    """The forward of the native kernel: (output in q's dtype, lse float32 (B, Hq, Tq), or
+    None without ``lse``: inference that does not ask for it skips writing it)."""
     keep: list[Tensor] = []
     a = _args(call, _blocks_for(call, blocks, backward=False), keep)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out = empty_like_heads(q)
-    lse = torch.empty(q.shape[:-1])
     a.q, a.k, a.v, a.out = _view(q), _view(k), _view(v), _view(out)
-    a.lse = lse.data_ptr()
+    lse_out = None
+    if lse:
+        lse_out = torch.empty(q.shape[:-1])
+        a.lse = lse_out.data_ptr()
     kernel.forward(a)
-    return out, lse
+    return out, lse_out
 
 
 def backward_native(kernel: native.Kernel, q: Tensor, k: Tensor, v: Tensor, out: Tensor,

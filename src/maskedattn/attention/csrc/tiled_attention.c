@@ -176,7 +176,8 @@ typedef struct {
     double softcap, scale; /* softcap <= 0: none */
     /* (B, Hq, Tq, D): q, out, d_out, dq; (B, Hkv, Tk, D): k, v, dk, dv */
     view q, k, v, out, d_out, dq, dk, dv;
-    float *lse;          /* (B, Hq, Tq) contiguous: written by forward, read by backward */
+    float *lse;          /* (B, Hq, Tq) contiguous: written by forward (unless NULL), read by
+                          * backward */
     const float *d_lse;  /* (B, Hq, Tq) contiguous, or NULL: the gradient reaching the lse */
 } attn_args;
 
@@ -811,8 +812,9 @@ static inline __attribute__((always_inline)) int forward_impl(const attn_args *a
                 for (int64_t c = 0; c < Dp; c += VW)
                     vstore(o + r * Dp + c, vmul(vload(o + r * Dp + c), vset1(inv)));
                 store_f32(row_of(&a->out, b, h, qi * BQ + r, out_es), o + r * Dp, D, dt);
-                a->lse[bh * a->q_len + qi * BQ + r] =
-                    l[r] == 0.0f ? -INFINITY : (m[r] + log2f(l[r])) * LN2;
+                if (a->lse)
+                    a->lse[bh * a->q_len + qi * BQ + r] =
+                        l[r] == 0.0f ? -INFINITY : (m[r] + log2f(l[r])) * LN2;
             }
         }
     }
