@@ -8,6 +8,7 @@ torch.Size([1, 4, 16, 32])
 
 from .attention import (
     Alibi,
+    AttentionPlan,
     AttentionTrace,
     Causal,
     ChunkedCausal,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT",
     "Alibi",
+    "AttentionPlan",
     "AttentionTrace",
     "Causal",
     "ChunkedCausal",

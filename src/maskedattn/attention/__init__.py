@@ -1,7 +1,7 @@
 """The attention operation: masks, the reference, backends and the ``attention()`` entry point."""
 
 from . import ops  # noqa: F401  (registers the torch.ops.maskedattn.* operators)
-from .api import attention, available_backends, register_backend
+from .api import AttentionPlan, attention, available_backends, register_backend
 from .dropin import scaled_dot_product_attention
 from .lowering import lower_call
 from .masks import (
@@ -21,6 +21,7 @@ from .reference import AttentionTrace, StepsTrace, attention_steps, reference_at
 
 __all__ = [
     "Alibi",
+    "AttentionPlan",
     "AttentionTrace",
     "Causal",
     "ChunkedCausal",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import Causal, DenseMask, Documents, Padding, SlidingWindow
+from ..attention import AttentionPlan, Causal, DenseMask, Documents, Padding, SlidingWindow
 from ..attention.kv_cache import KVCache
 from .config import GPTConfig
 from .layers import Block, Linear, Positions, make_norm, rope_tables
@@ -160,7 +160,8 @@ class GPT(nn.Module):
         if self.config.positions == "rope":
             rope = rope_tables(index, self.config.head_dim, self.config.rope_base,
                                self.config.rope_scaling)
-        return Positions(index, mask, n_keys, rope)
+        return Positions(index, mask, n_keys, rope,
+                         AttentionPlan(mask, backend=self.config.attn_backend))
 
     def _windowed(self, mask, index: Tensor, n_keys: int, cached: bool):
         """``mask`` narrowed to the config's sliding window.

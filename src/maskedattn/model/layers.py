@@ -8,13 +8,14 @@ Shapes: B batch, T new tokens, C model width, Hq query heads, Hkv key/value head
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import Mask, attention
+from ..attention import Mask
 from ..attention.kv_cache import KVCache
 from . import cpu_linear, gemv, rope
 from .config import GPTConfig
@@ -93,6 +94,9 @@ class Positions:
     mask: Mask | None  # which keys each query sees, for maskedattn.attention
     n_keys: int  # keys to attend over: T, or with a cache the longest row's length after the step
     rope: tuple[Tensor, Tensor] | None  # cos, sin of rotary positions, (B or 1, 1, T, D/2)
+    # How every layer attends, (q, k, v) -> output under ``mask``: an AttentionPlan, lowered
+    # once for all the layers of the step, or ring attention across processes.
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,7 +106,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.head_dim
-        self.backend = config.attn_backend
         kv_width = self.n_kv_head * self.head_dim
         # One matrix for q, k and v: one matmul instead of three.
         self.qkv = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.qkv_bias)
@@ -121,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(pos.index, k, v)
             k, v = k[:, :, : pos.n_keys], v[:, :, : pos.n_keys]  # (B, Hkv, n_keys, D)
-        y = attention(q, k, v, pos.mask, backend=self.backend)  # (B, Hq, T, D)
+        y = pos.attend(q, k, v)  # (B, Hq, T, D)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 

@@ -12,10 +12,10 @@ Gradients: every rank's loss is its share of the global batch's mean loss, so th
 *all* ranks (DDP or FSDP2 over the whole world, times the world size in the loop) is the global
 gradient, however the targets fall into ranks.
 
-The model stays as it is. :class:`ContextParallel` runs its forward with two things swapped for
-the duration of the call: the model's position bookkeeping (each token's global position, for
-RoPE and learned embeddings, and the mask over the whole sequence), and the attention function
-its layers call, which becomes :func:`ring_attention` over the cp group. Evaluation runs the
+The model stays as it is. :class:`ContextParallel` runs its forward with the model's position
+bookkeeping swapped for the duration of the call: each token's global position (for RoPE and
+learned embeddings), the mask over the whole sequence, and how the layers attend, which
+becomes :func:`ring_attention` over the cp group. Evaluation runs the
 same way (:meth:`ContextParallel.whole_logits`), so its attention is the ring's too.
 
 FSDP2 (``fully_shard``) shards parameters, gradients and AdamW's moments over the whole world.
@@ -27,6 +27,7 @@ resume, on any number of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,7 +39,6 @@ from torch import Tensor, nn
 from ..attention import Causal, Documents
 from ..attention.ring import gather, positions, ring_attention, shard
 from ..model import GPT
-from ..model import layers as model_layers
 from ..model.gpt import GPTOutput
 from ..model.layers import Positions, rope_tables
 from .distributed import Distributed
@@ -116,8 +116,10 @@ class ContextParallel(nn.Module):
         config = self.model.config
         rope = rope_tables(index, config.head_dim, config.rope_base) \
             if config.positions == "rope" else None
-        pos = Positions(index, mask, local.shape[1], rope)
-        with _swapped(self.model, pos, self.group, self.layout):
+        pos = Positions(index, mask, local.shape[1], rope, functools.partial(
+            ring_attention, mask=mask, group=self.group, layout=self.layout,
+            backend=config.attn_backend))
+        with _positioned(self.model, pos):
             logits = self.model(local).logits
         if targets is None:
             return GPTOutput(logits, None)
@@ -136,20 +138,12 @@ class ContextParallel(nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(model: GPT, pos: Positions, group, layout: str):
-    """Inside: the model's positions are ``pos`` and its layers' attention is the ring."""
-    plain = model_layers.attention
-
-    def ring(q, k, v, mask=None, *, backend="auto", **kwargs):
-        return ring_attention(q, k, v, mask, group=group, layout=layout, backend=backend,
-                              **kwargs)
-
+def _positioned(model: GPT, pos: Positions):
+    """Inside: the model's positions are ``pos``, whose layers attend through the ring."""
     model._positions = lambda *args, **kwargs: pos  # an instance attribute hides the method
-    model_layers.attention = ring
     try:
         yield
     finally:
-        model_layers.attention = plain
         del model._positions
 
 
