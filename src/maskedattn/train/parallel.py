@@ -15,8 +15,8 @@ gradient, however the targets fall into ranks.
 The model stays as it is. :class:`ContextParallel` runs its forward with the model's position
 bookkeeping swapped for the duration of the call: each token's global position (for RoPE and
 learned embeddings), the mask over the whole sequence, and how the layers attend, which
-becomes :func:`ring_attention` over the cp group. Evaluation runs the
-same way (:meth:`ContextParallel.whole_logits`), so its attention is the ring's too.
+becomes :func:`ring_attention` over the cp group. Evaluation runs the same way
+(:meth:`ContextParallel.whole_logits`), so its attention is the ring's too.
 
 FSDP2 (``fully_shard``) shards parameters, gradients and AdamW's moments over the whole world.
 Checkpoints stay one file set that ``GPT.from_pretrained`` reads: full tensors are gathered to
