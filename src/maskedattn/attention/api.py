@@ -143,7 +143,7 @@ class AttentionPlan:
     The first call is validated, lowered and given its backend as :func:`attention` does; a
     later call whose q, k and v have the same shapes, dtypes and devices, in the same gradient
     mode, reuses that lowering and backend, and any other call is planned afresh. On the CPU
-    that saves about a third of the Python of a decoding call, of which GPT-2 makes 12 a token
+    that saves about a quarter of the Python of a decoding call, of which GPT-2 makes 12 a token
     (BENCHMARKS.md). Under ``torch.compile``, ``torch.export``, the ``torch.func`` transforms
     and autocast, and for tensor subclasses, each call is :func:`attention` itself. Threads may
     share a plan: its state is replaced whole.
@@ -162,13 +162,13 @@ class AttentionPlan:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """``attention(q, k, v, mask, ...)`` with the plan's mask and options."""
-        if (type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor
+        device = q.device if type(q) is Tensor else None
+        if (device is None or type(k) is not Tensor or type(v) is not Tensor
                 or torch.compiler.is_compiling() or _in_functorch()
-                or torch.is_autocast_enabled(q.device.type)):
+                or torch.is_autocast_enabled(device.type)):
             return attention(q, k, v, self.mask, backend=self.backend, **self.options)
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
-               v.device, torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                      or v.requires_grad))
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, k.device, v.device,
+               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         planned = self._planned
         if planned is None or planned[0] != key:
             call = lower_call(q, k, v, self.mask, **self.options)
