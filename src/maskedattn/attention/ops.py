@@ -240,7 +240,8 @@ def flash_forward(backend: str, q: Tensor, k: Tensor, v: Tensor, args: OpArgs,
     """(out, lse) of ``backend``'s forward operator, differentiable through its backward.
 
     ``call``, if given, is the call that ``args`` were lowered from; in eager inference a call
-    that does not ask for the LSE gets None for it (the native kernel then skips writing it).
+    that does not ask for the LSE may get None for it (the native kernel then skips writing it;
+    the pure-torch twin computes it anyway).
     """
     if backend == "tiled" and _plain_inference(q, k, v, *args):
         # Eager CPU inference (decoding calls this once per layer and token): the operator's
